@@ -1,0 +1,3 @@
+from relayport.cli import main
+
+main()

@@ -1,0 +1,129 @@
+"""create_app(settings): the ASGI application with its middleware, routers and lifespan."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
+
+from relayport import __version__
+from relayport.core import errors
+from relayport.core.audit_routes import router as audit_router
+from relayport.core.auth.routes import router as auth_router
+from relayport.core.health import router as health_router
+from relayport.core.iplimit import IpRateLimitMiddleware
+from relayport.core.platform import Platform
+from relayport.core.ratelimit import RateLimiter
+from relayport.core.security.middleware import (
+    BodyLimitMiddleware,
+    ClientIpMiddleware,
+    ConcurrencyLimitMiddleware,
+    RequestIdMiddleware,
+    SecurityHeadersMiddleware,
+)
+from relayport.core.telemetry import (
+    MetricsMiddleware,
+    TracingMiddleware,
+    configure_tracing,
+    shutdown_tracing,
+)
+from relayport.runtime import build_platform, close_platform
+from relayport.settings import Settings
+from relayport.worker import Worker
+
+log = logging.getLogger("relayport.app")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    concurrency: ConcurrencyLimitMiddleware | None = None
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        tracer = configure_tracing(settings.telemetry)
+        platform = await build_platform(settings)
+        app.state.platform = platform
+        worker = Worker(platform) if settings.embedded else None
+        if worker is not None:
+            await worker.start()
+        log.info(
+            "relayport ready",
+            extra={
+                "event": "app.started",
+                "database": platform.db.dialect,
+                "broker": "memory" if settings.embedded else "rabbitmq",
+                "cache": "redis" if settings.redis_url else "memory",
+            },
+        )
+        try:
+            yield
+        finally:
+            app.state.draining = True
+            if worker is not None:
+                await worker.stop(settings.shutdown_timeout_s)
+            await close_platform(platform)
+            if tracer is not None:
+                shutdown_tracing()
+            log.info("relayport stopped", extra={"event": "app.stopped"})
+
+    app = FastAPI(
+        title="Relayport",
+        version=__version__,
+        summary="Inbound and outbound webhooks, detection, live configuration, LLM gateway.",
+        lifespan=lifespan,
+    )
+    app.state.draining = False
+    errors.install(app)
+    app.include_router(health_router)
+    app.include_router(auth_router)
+    app.include_router(audit_router)
+
+    def limiter() -> RateLimiter | None:
+        platform: Platform | None = getattr(app.state, "platform", None)
+        if platform is None or not settings.ratelimit.enabled:
+            return None
+        return platform.limiter
+
+    # Added innermost first: the last one added sees the request first.
+    if settings.http.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.http.cors_origins,
+            allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "If-Match"],
+            expose_headers=["X-Request-ID", "ETag", "RateLimit-Limit", "RateLimit-Remaining"],
+        )
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.http.body_limit_bytes)
+    app.add_middleware(
+        IpRateLimitMiddleware,
+        limiter=limiter,
+        rate=settings.ratelimit.ip_requests_per_second,
+        burst=settings.ratelimit.ip_burst,
+    )
+    app.add_middleware(
+        ConcurrencyLimitMiddleware,
+        max_in_flight=settings.http.max_concurrency,
+        retry_after_s=settings.http.concurrency_retry_after_s,
+    )
+    app.add_middleware(
+        ClientIpMiddleware,
+        trusted_proxies=[
+            ipaddress.ip_network(c, strict=False) for c in settings.http.trusted_proxies
+        ],
+    )
+    if settings.http.security_headers:
+        app.add_middleware(SecurityHeadersMiddleware)
+    app.add_middleware(MetricsMiddleware)
+    app.add_middleware(TracingMiddleware)
+    app.add_middleware(RequestIdMiddleware)
+    del concurrency
+    return app
+
+
+def create_app_from_env() -> FastAPI:
+    """Factory for `uvicorn --factory` and multi-worker serving."""
+    return create_app(Settings())

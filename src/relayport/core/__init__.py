@@ -1,0 +1,1 @@
+"""The Relayport platform core: imports no capability module."""

@@ -1,0 +1,1 @@
+"""Identity: passwords, JWT access tokens, rotating refresh tokens, API keys, roles."""

@@ -1,0 +1,216 @@
+"""HTTP surface of identity: /v1/auth, /v1/me, /v1/users, /v1/api-keys."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response
+
+from relayport.core.auth import service
+from relayport.core.auth.models import ApiKey, User
+from relayport.core.auth.schemas import (
+    ApiKeyCreate,
+    ApiKeyCreated,
+    ApiKeyOut,
+    LoginRequest,
+    MeResponse,
+    RefreshRequest,
+    SignupRequest,
+    SignupResponse,
+    TenantOut,
+    TokenResponse,
+    UserOut,
+    UserUpdate,
+)
+from relayport.core.deps import Admin, PlatformDep, SessionDep, Viewer, client_ip
+from relayport.core.errors import RateLimited
+from relayport.core.schemas import ListResponse
+from relayport.core.tenants import get_tenant
+
+router = APIRouter(prefix="/v1")
+
+Limit = Annotated[int, Query(ge=1, le=200)]
+After = Annotated[str | None, Query(max_length=64)]
+
+
+def _tokens(tokens: service.Tokens) -> dict[str, object]:
+    return {
+        "access_token": tokens.access_token,
+        "token_type": "Bearer",
+        "expires_in": tokens.expires_in,
+        "refresh_token": tokens.refresh_token,
+        "refresh_token_expires_in": tokens.refresh_token_expires_in,
+    }
+
+
+def _user(user: User) -> UserOut:
+    return UserOut.model_validate(user, from_attributes=True)
+
+
+def _key(key: ApiKey) -> ApiKeyOut:
+    return ApiKeyOut.model_validate(key, from_attributes=True)
+
+
+@router.post(
+    "/auth/signup", status_code=201, response_model=SignupResponse, tags=["auth"], summary="Sign up"
+)
+async def signup(
+    body: SignupRequest, request: Request, session: SessionDep, platform: PlatformDep
+) -> dict[str, object]:
+    """Create an account and a new tenant; the first user is the tenant's admin. Public."""
+    user, tenant, tokens = await service.signup(
+        session,
+        platform.authenticator.issuer,
+        refresh_ttl_s=platform.settings.auth.refresh_token_ttl_s,
+        email=body.email,
+        password=body.password,
+        tenant_name=body.tenant_name,
+        ip=client_ip(request),
+    )
+    return {
+        **_tokens(tokens),
+        "user": _user(user),
+        "tenant": TenantOut.model_validate(tenant, from_attributes=True),
+    }
+
+
+@router.post("/auth/login", response_model=TokenResponse, tags=["auth"], summary="Log in")
+async def login(
+    body: LoginRequest, request: Request, session: SessionDep, platform: PlatformDep
+) -> dict[str, object]:
+    """Exchange email and password for an access token and a refresh token. Public."""
+    auth = platform.settings.auth
+    # Guessing is throttled per account, whatever the caller's IP.
+    decision = await platform.limiter.hit(
+        f"login:{service.normalize_email(body.email)}",
+        rate=auth.max_failed_logins / 900,
+        burst=auth.max_failed_logins,
+    )
+    if not decision.allowed:
+        raise RateLimited(
+            "too many login attempts for this account",
+            slug="login-throttled",
+            headers=decision.headers(),
+        )
+    tokens = await service.login(
+        session,
+        platform.authenticator.issuer,
+        refresh_ttl_s=auth.refresh_token_ttl_s,
+        email=body.email,
+        password=body.password,
+        ip=client_ip(request),
+    )
+    return _tokens(tokens)
+
+
+@router.post("/auth/refresh", response_model=TokenResponse, tags=["auth"], summary="Refresh")
+async def refresh(
+    body: RefreshRequest, request: Request, session: SessionDep, platform: PlatformDep
+) -> dict[str, object]:
+    """Rotate a refresh token. Reusing a spent refresh token revokes its whole session. Public."""
+    tokens = await service.refresh(
+        session,
+        platform.authenticator.issuer,
+        refresh_ttl_s=platform.settings.auth.refresh_token_ttl_s,
+        refresh_token=body.refresh_token,
+        ip=client_ip(request),
+    )
+    return _tokens(tokens)
+
+
+@router.post("/auth/logout", status_code=204, tags=["auth"], summary="Log out")
+async def logout(body: RefreshRequest, request: Request, session: SessionDep) -> Response:
+    """Revoke the session the refresh token belongs to. Public (the token is the proof)."""
+    await service.logout(session, refresh_token=body.refresh_token, ip=client_ip(request))
+    return Response(status_code=204)
+
+
+@router.get("/me", response_model=MeResponse, tags=["auth"], summary="Who am I")
+async def me(principal: Viewer, session: SessionDep) -> dict[str, object]:
+    """The calling principal and its tenant. Role: viewer."""
+    tenant = await get_tenant(session, principal.tenant_id)
+    return {
+        "kind": principal.kind,
+        "id": principal.id,
+        "role": principal.role,
+        "tenant": TenantOut.model_validate(tenant, from_attributes=True),
+    }
+
+
+@router.get("/users", response_model=ListResponse[UserOut], tags=["users"])
+async def list_users(
+    principal: Admin, session: SessionDep, limit: Limit = 50, after: After = None
+) -> ListResponse[UserOut]:
+    """Users of the caller's tenant, newest first. Role: admin."""
+    page = await service.UserRepository(session, principal.tenant_id).page(limit=limit, after=after)
+    return ListResponse(data=[_user(u) for u in page.items], next=page.next)
+
+
+@router.get("/users/{user_id}", response_model=UserOut, tags=["users"])
+async def get_user(user_id: str, principal: Admin, session: SessionDep) -> UserOut:
+    """One user. Role: admin."""
+    return _user(await service.UserRepository(session, principal.tenant_id).get(user_id))
+
+
+@router.patch("/users/{user_id}", response_model=UserOut, tags=["users"])
+async def update_user(
+    user_id: str,
+    body: UserUpdate,
+    request: Request,
+    principal: Admin,
+    session: SessionDep,
+    platform: PlatformDep,
+) -> UserOut:
+    """Change a user's role or deactivate them (audited). Role: admin."""
+    user = await service.update_user(
+        session,
+        principal,
+        user_id,
+        role=body.role,
+        is_active=body.is_active,
+        ip=client_ip(request),
+    )
+    platform.authenticator.forget_user(user.id)
+    return _user(user)
+
+
+@router.post("/api-keys", status_code=201, response_model=ApiKeyCreated, tags=["api-keys"])
+async def create_api_key(
+    body: ApiKeyCreate, request: Request, principal: Admin, session: SessionDep
+) -> ApiKeyCreated:
+    """Create an API key. The secret is in this response only. Role: admin."""
+    key, secret = await service.create_api_key(
+        session,
+        principal,
+        name=body.name,
+        role=body.role,
+        expires_in_s=body.expires_in_s,
+        ip=client_ip(request),
+    )
+    return ApiKeyCreated(**_key(key).model_dump(), key=secret)
+
+
+@router.get("/api-keys", response_model=ListResponse[ApiKeyOut], tags=["api-keys"])
+async def list_api_keys(
+    principal: Admin, session: SessionDep, limit: Limit = 50, after: After = None
+) -> ListResponse[ApiKeyOut]:
+    """API keys of the tenant (never their secrets), newest first. Role: admin."""
+    repo = service.ApiKeyRepository(session, principal.tenant_id)
+    page = await repo.page(limit=limit, after=after)
+    return ListResponse(data=[_key(k) for k in page.items], next=page.next)
+
+
+@router.get("/api-keys/{key_id}", response_model=ApiKeyOut, tags=["api-keys"])
+async def get_api_key(key_id: str, principal: Admin, session: SessionDep) -> ApiKeyOut:
+    """One API key. Role: admin."""
+    return _key(await service.ApiKeyRepository(session, principal.tenant_id).get(key_id))
+
+
+@router.delete("/api-keys/{key_id}", status_code=204, tags=["api-keys"])
+async def revoke_api_key(
+    key_id: str, request: Request, principal: Admin, session: SessionDep, platform: PlatformDep
+) -> Response:
+    """Revoke an API key; it stops working at once on this instance. Role: admin."""
+    key = await service.revoke_api_key(session, principal, key_id, ip=client_ip(request))
+    platform.authenticator.forget_key(key.key_hash)
+    return Response(status_code=204)

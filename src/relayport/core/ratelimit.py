@@ -1,0 +1,243 @@
+"""Rate limits: token buckets for bursts and fixed UTC-day windows for quotas.
+
+Two backends share the `RateLimiter` protocol: `MemoryRateLimiter` for the embedded,
+single-process mode and `RedisRateLimiter` (in `ratelimit_redis`) when several processes must
+agree on one budget. Both compute the same `Decision`, so callers and tests treat them alike.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, Protocol
+
+if TYPE_CHECKING:
+    import redis.asyncio
+
+    from relayport.settings import Settings
+
+DAY_S = 86_400
+
+# Float noise (0.1 s * 10 tokens/s == 0.9999999999999432 tokens) must not refuse a hit that is
+# due, nor show one token fewer than the caller expects; both backends use the same tolerance.
+TOKEN_EPSILON = 1e-9
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The outcome of one hit: whether it may proceed and what to tell the client."""
+
+    allowed: bool
+    limit: int
+    remaining: int
+    reset_s: float
+    retry_after_s: float
+
+    def headers(self) -> dict[str, str]:
+        """IETF RateLimit header fields (draft-ietf-httpapi-ratelimit-headers), plus Retry-After
+        when refused."""
+        headers = {
+            "RateLimit-Limit": str(self.limit),
+            "RateLimit-Remaining": str(max(0, self.remaining)),
+            "RateLimit-Reset": str(_ceil_s(self.reset_s)),
+        }
+        if not self.allowed:
+            # "Retry-After: 0" invites an immediate retry that would be refused again.
+            headers["Retry-After"] = str(max(1, _ceil_s(self.retry_after_s)))
+        return headers
+
+
+def _ceil_s(seconds: float) -> int:
+    # Clients must not come back early, so round up; the tolerance keeps 2.0000000001 at 2.
+    return max(0, math.ceil(seconds - 1e-6))
+
+
+class RateLimiter(Protocol):
+    async def hit(self, key: str, *, rate: float, burst: int, cost: int = 1) -> Decision:
+        """Take `cost` tokens from the bucket `key` (capacity `burst`, refilling `rate` tokens
+        per second). A refused hit takes nothing."""
+        ...
+
+    async def quota(
+        self, key: str, *, limit: int, period: Literal["day"] = "day", cost: int = 1
+    ) -> Decision:
+        """Count `cost` against `key`'s `limit` for the current UTC day. A refused request does
+        not count."""
+        ...
+
+    async def close(self) -> None: ...
+
+    async def ping(self) -> None:
+        """Raise if the backend cannot answer (for readiness probes)."""
+        ...
+
+
+def validate_hit(rate: float, burst: int, cost: int) -> None:
+    # A NaN or infinite rate would poison the stored state; a cost above the burst could never
+    # be allowed and would answer with a Retry-After that lies, so both are caller bugs.
+    if not (math.isfinite(rate) and rate > 0):
+        raise ValueError(f"rate must be a positive finite number, got {rate!r}")
+    if burst < 1:
+        raise ValueError(f"burst must be at least 1, got {burst!r}")
+    if not 1 <= cost <= burst:
+        raise ValueError(f"cost must be between 1 and burst ({burst}), got {cost!r}")
+
+
+def validate_quota(limit: int, period: str, cost: int) -> None:
+    if period != "day":
+        raise ValueError(f"unsupported quota period {period!r} (only 'day')")
+    if limit < 1:
+        raise ValueError(f"limit must be at least 1, got {limit!r}")
+    if not 1 <= cost <= limit:
+        raise ValueError(f"cost must be between 1 and limit ({limit}), got {cost!r}")
+
+
+@dataclass(slots=True)
+class _Bucket:
+    tokens: float
+    updated: float
+    full_at: float
+
+
+@dataclass(slots=True)
+class _Window:
+    day: int
+    used: int
+
+
+class MemoryRateLimiter:
+    """In-process limiter for the embedded mode; state is lost on restart, which only ever
+    hands out a fresh budget.
+
+    Nothing here awaits, so each call is atomic on the event loop without a lock.
+    """
+
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+        max_keys: int = 100_000,
+    ) -> None:
+        if max_keys < 1:
+            raise ValueError("max_keys must be at least 1")
+        # Buckets measure elapsed time, which must not jump with NTP; quotas follow the UTC
+        # calendar, which only the wall clock knows.
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._max_keys = max_keys
+        self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
+        self._windows: OrderedDict[str, _Window] = OrderedDict()
+
+    @property
+    def tracked_keys(self) -> int:
+        """Buckets and quota windows held in memory."""
+        return len(self._buckets) + len(self._windows)
+
+    async def hit(self, key: str, *, rate: float, burst: int, cost: int = 1) -> Decision:
+        validate_hit(rate, burst, cost)
+        now = self._clock()
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            tokens = float(burst)
+        else:
+            # max(0, …) so a clock that steps back (a fake one in tests) never drains a bucket.
+            elapsed = max(0.0, now - bucket.updated)
+            tokens = min(float(burst), bucket.tokens + elapsed * rate)
+        allowed = tokens + TOKEN_EPSILON >= cost
+        if allowed:
+            tokens = max(0.0, tokens - cost)
+            refill_s = (burst - tokens) / rate
+            if bucket is None:
+                bucket = self._buckets[key] = _Bucket(tokens, now, now + refill_s)
+            else:
+                bucket.tokens, bucket.updated, bucket.full_at = tokens, now, now + refill_s
+            self._buckets.move_to_end(key)
+            self._evict_buckets(now)
+        # A refused hit leaves the stored state as it was: refilling it later from the old
+        # timestamp gives the same tokens as storing the refilled value now.
+        return Decision(
+            allowed=allowed,
+            limit=burst,
+            remaining=math.floor(tokens + TOKEN_EPSILON),
+            reset_s=max(0.0, (burst - tokens) / rate),
+            retry_after_s=0.0 if allowed else (cost - tokens) / rate,
+        )
+
+    async def quota(
+        self, key: str, *, limit: int, period: Literal["day"] = "day", cost: int = 1
+    ) -> Decision:
+        validate_quota(limit, period, cost)
+        now = self._wall_clock()
+        day = math.floor(now / DAY_S)
+        reset_s = (day + 1) * DAY_S - now
+        window = self._windows.get(key)
+        used = window.used if window is not None and window.day == day else 0
+        allowed = used + cost <= limit
+        if allowed:
+            used += cost
+            if window is None:
+                self._windows[key] = _Window(day, used)
+            else:
+                window.day, window.used = day, used
+            self._windows.move_to_end(key)
+            self._evict_windows(day)
+        return Decision(
+            allowed=allowed,
+            limit=limit,
+            remaining=max(0, limit - used),
+            reset_s=reset_s,
+            retry_after_s=0.0 if allowed else reset_s,
+        )
+
+    async def close(self) -> None:
+        self._buckets.clear()
+        self._windows.clear()
+
+    async def ping(self) -> None:
+        return None
+
+    def _evict_buckets(self, now: float) -> None:
+        # A bucket that has refilled is the same as no bucket, so dropping it loses nothing.
+        # Looking only at the least recently used end keeps this amortised O(1) per hit.
+        buckets = self._buckets
+        while buckets:
+            oldest = next(iter(buckets.values()))
+            if oldest.full_at > now:
+                break
+            buckets.popitem(last=False)
+        # Past the cap, dropping a bucket that is still refilling forgives its debt; that is
+        # the price of bounded memory under a flood of distinct keys, and the least recently
+        # used bucket is the one most likely to be nearly full anyway.
+        while len(buckets) > self._max_keys:
+            buckets.popitem(last=False)
+
+    def _evict_windows(self, day: int) -> None:
+        windows = self._windows
+        while windows and next(iter(windows.values())).day < day:
+            windows.popitem(last=False)
+        while len(windows) > self._max_keys:
+            windows.popitem(last=False)
+
+
+def create_rate_limiter(
+    settings: Settings, redis_client: redis.asyncio.Redis | None = None
+) -> RateLimiter:
+    """The limiter the settings ask for: in-process without `redis_url`, else Redis.
+
+    A given `redis_client` is shared (the caller closes it); without one, the limiter opens
+    its own from `settings.redis_url` and closes it in `close()`.
+    """
+    if settings.redis_url is None:
+        return MemoryRateLimiter()
+    # Imported here because ratelimit_redis imports this module's types.
+    from relayport.core.ratelimit_redis import RedisRateLimiter
+
+    if redis_client is not None:
+        return RedisRateLimiter(redis_client)
+    import redis.asyncio
+
+    return RedisRateLimiter(redis.asyncio.Redis.from_url(settings.redis_url), owns_client=True)

@@ -1,0 +1,73 @@
+"""Tenant-scoped queries: the one place the tenant filter is built, so no query can forget it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Generic, TypeVar
+
+from sqlalchemy import Select, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from relayport.core.errors import BadRequest, NotFound
+
+MAX_PAGE = 200
+
+
+M = TypeVar("M")
+
+
+class Page(Generic[M]):
+    """One page of a newest-first list; `next` is the cursor for the following page."""
+
+    def __init__(self, items: Sequence[M], next_cursor: str | None) -> None:
+        self.items = list(items)
+        self.next = next_cursor
+
+
+class TenantRepository(Generic[M]):
+    """Base for repositories of rows that belong to a tenant.
+
+    Ids are time-sortable, so `id` order is creation order and doubles as the cursor.
+    """
+
+    model: type[M]
+    not_found_detail = "no such resource"
+
+    def __init__(self, session: AsyncSession, tenant_id: str) -> None:
+        self.session = session
+        self.tenant_id = tenant_id
+
+    def _cols(self) -> Any:
+        return self.model
+
+    def query(self) -> Select[M]:
+        return select(self.model).where(self._cols().tenant_id == self.tenant_id)
+
+    async def find(self, row_id: str) -> M | None:
+        result = await self.session.execute(self.query().where(self._cols().id == row_id))
+        return result.scalar_one_or_none()
+
+    async def get(self, row_id: str) -> M:
+        """The row, or 404 whether it is missing or another tenant's (never confirm existence)."""
+        row = await self.find(row_id)
+        if row is None:
+            raise NotFound(self.not_found_detail)
+        return row
+
+    async def page(
+        self, stmt: Select[M] | None = None, *, limit: int = 50, after: str | None = None
+    ) -> Page[M]:
+        if not 1 <= limit <= MAX_PAGE:
+            raise BadRequest(f"limit must be between 1 and {MAX_PAGE}", slug="invalid-limit")
+        stmt = self.query() if stmt is None else stmt
+        if after:
+            stmt = stmt.where(self._cols().id < after)
+        stmt = stmt.order_by(self._cols().id.desc()).limit(limit + 1)
+        rows = list((await self.session.execute(stmt)).scalars())
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return Page(rows, str(getattr(rows[-1], "id")) if more and rows else None)  # noqa: B009
+
+    def add(self, row: M) -> M:
+        self.session.add(row)
+        return row

@@ -1,0 +1,8 @@
+"""Every table of the platform, imported in one place so Alembic and tests see them all."""
+
+from relayport.core.audit import AuditEvent
+from relayport.core.auth.models import ApiKey, RefreshToken, User
+from relayport.core.outbox import OutboxMessage
+from relayport.core.tenants import Tenant
+
+__all__ = ["ApiKey", "AuditEvent", "OutboxMessage", "RefreshToken", "Tenant", "User"]

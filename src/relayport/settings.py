@@ -1,0 +1,207 @@
+"""Settings: every knob comes from `RELAYPORT_*` environment variables (nested with `__`) or `.env`.
+
+Validation happens once at start; `relayport` turns a `ValidationError` into a one-line reason and
+exit code 2. Nothing else in the code reads `os.environ`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+MIN_JWT_SECRET_BYTES = 32
+
+
+class PlanLimits(BaseModel):
+    """Limits a tenant gets from its plan."""
+
+    requests_per_second: float = Field(gt=0)
+    burst: int = Field(gt=0)
+    daily_quota: int = Field(gt=0, description="Requests per UTC day.")
+
+
+def _default_plans() -> dict[str, PlanLimits]:
+    return {
+        "free": PlanLimits(requests_per_second=50, burst=100, daily_quota=100_000),
+        "pro": PlanLimits(requests_per_second=500, burst=1_000, daily_quota=5_000_000),
+        "enterprise": PlanLimits(requests_per_second=5_000, burst=10_000, daily_quota=500_000_000),
+    }
+
+
+class HttpSettings(BaseModel):
+    body_limit_bytes: int = Field(default=1_048_576, gt=0)
+    max_concurrency: int = Field(default=512, gt=0, description="In-flight requests per process.")
+    concurrency_retry_after_s: int = Field(default=1, ge=0)
+    cors_origins: list[str] = Field(default_factory=list)
+    trusted_proxies: list[str] = Field(
+        default_factory=list, description="CIDRs whose X-Forwarded-For is believed."
+    )
+    security_headers: bool = True
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _cidrs(cls, value: list[str]) -> list[str]:
+        for cidr in value:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"not a CIDR: {cidr!r}") from exc
+        return value
+
+
+class AuthSettings(BaseModel):
+    jwt_algorithm: Literal["HS256", "EdDSA", "RS256"] = "HS256"
+    jwt_secret: SecretStr | None = Field(
+        default=None,
+        description="HS256 key. Generated into data_dir when unset outside production.",
+    )
+    jwt_private_key_file: Path | None = Field(default=None, description="PEM key for EdDSA/RS256.")
+    jwt_kid: str = "k1"
+    jwt_issuer: str = "relayport"
+    access_token_ttl_s: int = Field(default=900, gt=0)
+    refresh_token_ttl_s: int = Field(default=30 * 24 * 3600, gt=0)
+    max_failed_logins: int = Field(default=10, gt=0, description="Per email per 15 minutes.")
+
+
+class CryptoSettings(BaseModel):
+    master_keys: dict[str, SecretStr] = Field(
+        default_factory=dict,
+        description="Key id -> base64 of 32 random bytes. Generated into data_dir when empty "
+        "outside production.",
+    )
+    active_key_id: str | None = None
+
+
+class RateLimitSettings(BaseModel):
+    enabled: bool = True
+    ip_requests_per_second: float = Field(default=200, gt=0)
+    ip_burst: int = Field(default=400, gt=0)
+    principal_requests_per_second: float = Field(default=100, gt=0)
+    principal_burst: int = Field(default=200, gt=0)
+    plans: dict[str, PlanLimits] = Field(default_factory=_default_plans)
+
+
+class TelemetrySettings(BaseModel):
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_json: bool = True
+    otlp_endpoint: str | None = Field(default=None, description="OTLP/HTTP traces endpoint.")
+    service_name: str = "relayport"
+
+
+class OutboxSettings(BaseModel):
+    batch_size: int = Field(default=100, gt=0, le=10_000)
+    poll_interval_ms: int = Field(default=200, gt=0)
+    max_publish_backoff_ms: int = Field(default=30_000, gt=0)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="RELAYPORT_",
+        env_nested_delimiter="__",
+        env_file=".env",
+        extra="ignore",
+    )
+
+    env: Literal["development", "production", "test"] = "development"
+    data_dir: Path = Path(".relayport")
+    database_url: str = ""
+    redis_url: str | None = None
+    redis_key_prefix: str = Field(
+        default="relayport:", min_length=1, description="Namespace for every Redis key and channel."
+    )
+    broker_url: str | None = None
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=1, le=65535)
+    workers: int = Field(default=1, ge=1, le=64)
+    shutdown_timeout_s: float = Field(default=20, gt=0)
+    db_pool_size: int = Field(default=10, gt=0)
+    auto_migrate: bool | None = Field(
+        default=None, description="Run migrations at start; default on for the embedded SQLite."
+    )
+    http: HttpSettings = Field(default_factory=HttpSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    crypto: CryptoSettings = Field(default_factory=CryptoSettings)
+    ratelimit: RateLimitSettings = Field(default_factory=RateLimitSettings)
+    telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
+    outbox: OutboxSettings = Field(default_factory=OutboxSettings)
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        if not value:
+            return value
+        try:
+            url = make_url(value)
+        except ArgumentError as exc:
+            raise ValueError(f"malformed database URL {value!r}") from exc
+        backend = url.get_backend_name()
+        if backend == "sqlite":
+            return url.set(drivername="sqlite+aiosqlite").render_as_string(hide_password=False)
+        if backend in ("postgresql", "postgres"):
+            return url.set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)
+        raise ValueError(f"unknown database backend {backend!r} (use sqlite or postgresql)")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"unknown cache backend in {value.split(':', 1)[0]!r} (use redis://)")
+        return value or None
+
+    @field_validator("broker_url")
+    @classmethod
+    def _broker_url(cls, value: str | None) -> str | None:
+        if value in (None, "", "memory"):
+            return None
+        assert value is not None
+        if not value.startswith(("amqp://", "amqps://")):
+            raise ValueError(
+                f"unknown broker backend {value.split(':', 1)[0]!r} (use amqp:// or memory)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _fill_and_check(self) -> Settings:
+        if not self.database_url:
+            self.database_url = f"sqlite+aiosqlite:///{self.data_dir / 'relayport.db'}"
+        if self.env == "production":
+            if self.auth.jwt_algorithm == "HS256":
+                secret = self.auth.jwt_secret.get_secret_value() if self.auth.jwt_secret else ""
+                if len(secret.encode()) < MIN_JWT_SECRET_BYTES:
+                    raise ValueError(
+                        "weak JWT secret: production needs RELAYPORT_AUTH__JWT_SECRET of at least "
+                        f"{MIN_JWT_SECRET_BYTES} bytes"
+                    )
+            if not self.crypto.master_keys:
+                raise ValueError("production needs RELAYPORT_CRYPTO__MASTER_KEYS")
+        elif (
+            self.auth.jwt_secret is not None
+            and len(self.auth.jwt_secret.get_secret_value().encode()) < MIN_JWT_SECRET_BYTES
+        ):
+            raise ValueError(f"weak JWT secret: use at least {MIN_JWT_SECRET_BYTES} bytes")
+        if self.auth.jwt_algorithm != "HS256" and self.auth.jwt_private_key_file is None:
+            raise ValueError(
+                f"{self.auth.jwt_algorithm} needs RELAYPORT_AUTH__JWT_PRIVATE_KEY_FILE"
+            )
+        if self.crypto.active_key_id and self.crypto.active_key_id not in self.crypto.master_keys:
+            raise ValueError("crypto.active_key_id names no key in crypto.master_keys")
+        return self
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @property
+    def embedded(self) -> bool:
+        """True when the broker is in-process, so `serve` also runs the worker."""
+        return self.broker_url is None
+
+    @property
+    def should_auto_migrate(self) -> bool:
+        return self.is_sqlite if self.auto_migrate is None else self.auto_migrate
