@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import ipaddress
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from starlette.middleware.cors import CORSMiddleware
 
 from relayport import __version__
 from relayport.core import errors
@@ -18,12 +17,15 @@ from relayport.core.health import router as health_router
 from relayport.core.iplimit import IpRateLimitMiddleware
 from relayport.core.platform import Platform
 from relayport.core.ratelimit import RateLimiter
-from relayport.core.security.middleware import (
+from relayport.core.security import (
     BodyLimitMiddleware,
     ClientIpMiddleware,
     ConcurrencyLimitMiddleware,
+    InFlightGate,
+    ProblemCORSMiddleware,
     RequestIdMiddleware,
     SecurityHeadersMiddleware,
+    cors_kwargs,
 )
 from relayport.core.telemetry import (
     MetricsMiddleware,
@@ -40,7 +42,7 @@ log = logging.getLogger("relayport.app")
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
-    concurrency: ConcurrencyLimitMiddleware | None = None
+    gate = InFlightGate(settings.http.max_concurrency, settings.http.concurrency_retry_after_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -62,12 +64,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            # Uvicorn has stopped accepting; refuse what still arrives on kept-alive
+            # connections and let in-flight requests finish within the bound.
             app.state.draining = True
+            gate.start_draining()
+            await gate.wait_idle(settings.shutdown_timeout_s)
             if worker is not None:
                 await worker.stop(settings.shutdown_timeout_s)
             await close_platform(platform)
             if tracer is not None:
-                shutdown_tracing()
+                await asyncio.to_thread(shutdown_tracing)
             log.info("relayport stopped", extra={"event": "app.stopped"})
 
     app = FastAPI(
@@ -75,6 +81,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         summary="Inbound and outbound webhooks, detection, live configuration, LLM gateway.",
         lifespan=lifespan,
+        telemetry={"tracing": False},  # our TracingMiddleware owns the span (with request ids)
     )
     app.state.draining = False
     errors.install(app)
@@ -88,15 +95,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return None
         return platform.limiter
 
-    # Added innermost first: the last one added sees the request first.
-    if settings.http.cors_origins:
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=settings.http.cors_origins,
-            allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
-            allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "If-Match"],
-            expose_headers=["X-Request-ID", "ETag", "RateLimit-Limit", "RateLimit-Remaining"],
-        )
+    # Added innermost first: the last one added sees the request first. Outermost first:
+    # RequestId → Tracing → Metrics → SecurityHeaders → CORS → ClientIp → Concurrency →
+    # IP rate limit → BodyLimit → routes; refusals thus still get ids, metrics and headers.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.http.body_limit_bytes)
     app.add_middleware(
         IpRateLimitMiddleware,
@@ -104,23 +105,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         rate=settings.ratelimit.ip_requests_per_second,
         burst=settings.ratelimit.ip_burst,
     )
-    app.add_middleware(
-        ConcurrencyLimitMiddleware,
-        max_in_flight=settings.http.max_concurrency,
-        retry_after_s=settings.http.concurrency_retry_after_s,
-    )
-    app.add_middleware(
-        ClientIpMiddleware,
-        trusted_proxies=[
-            ipaddress.ip_network(c, strict=False) for c in settings.http.trusted_proxies
-        ],
-    )
+    app.add_middleware(ConcurrencyLimitMiddleware, gate=gate)
+    app.add_middleware(ClientIpMiddleware, trusted_proxies=settings.http.trusted_proxies)
+    cors = cors_kwargs(settings.http)
+    if cors is not None:
+        app.add_middleware(ProblemCORSMiddleware, **cors)
     if settings.http.security_headers:
         app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(MetricsMiddleware)
     app.add_middleware(TracingMiddleware)
     app.add_middleware(RequestIdMiddleware)
-    del concurrency
     return app
 
 

@@ -13,9 +13,15 @@ from typing import Annotated, Any, TypeVar
 import typer
 from pydantic import ValidationError
 
+from relayport.core.errors import Problem
 from relayport.settings import Settings
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Relayport event plumbing.")
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="Relayport event plumbing.",
+)
 admin = typer.Typer(no_args_is_help=True, help="Create tenants, users and API keys.")
 app.add_typer(admin, name="admin")
 
@@ -155,7 +161,11 @@ def _with_session(fn: Callable[[Any], Awaitable[T]]) -> T:
         finally:
             await close_platform(platform)
 
-    return _run(main)
+    try:
+        return _run(main)
+    except Problem as exc:
+        typer.echo(f"error: {exc.detail or exc.title}", err=True)
+        raise typer.Exit(1) from None
 
 
 @admin.command("create-tenant")

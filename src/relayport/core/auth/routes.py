@@ -125,6 +125,12 @@ async def logout(body: RefreshRequest, request: Request, session: SessionDep) ->
     return Response(status_code=204)
 
 
+@router.get("/ping", tags=["auth"], summary="Check credentials")
+async def ping(principal: Viewer) -> dict[str, str]:
+    """Answers when the credentials are valid, without touching the database. Role: viewer."""
+    return {"status": "ok", "principal": principal.id, "tenant_id": principal.tenant_id}
+
+
 @router.get("/me", response_model=MeResponse, tags=["auth"], summary="Who am I")
 async def me(principal: Viewer, session: SessionDep) -> dict[str, object]:
     """The calling principal and its tenant. Role: viewer."""

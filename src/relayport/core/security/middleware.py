@@ -4,6 +4,13 @@ Pure ASGI rather than `BaseHTTPMiddleware`: that one runs the app in a separate 
 copy of every message, and breaks streaming and contextvars. Each class here is
 `X(app, ...)` with `async __call__(scope, receive, send)` and passes lifespan scopes through.
 Responses produced here are problem+json like every other error (see `core.errors`).
+
+Order, outermost first (`app.add_middleware` in the reverse order):
+RequestId → Tracing → Metrics → SecurityHeaders → ProblemCORS → ClientIp → ConcurrencyLimit
+→ (IP rate limit) → BodyLimit → app. Ids, spans and metrics wrap everything so refusals are
+seen too; security and CORS headers go on refusals as well, so a browser can read a 413/429/503.
+Starlette's ServerErrorMiddleware always sits outside user middleware: an unhandled exception's
+500 bypasses these headers (the request id is in its body).
 """
 
 from __future__ import annotations

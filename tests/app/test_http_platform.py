@@ -1,0 +1,182 @@
+"""The platform's HTTP behaviour end to end: limits, hardening headers, metrics, 500s."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+
+from relayport.app import create_app
+from relayport.settings import Settings
+from tests.conftest import api_key, signup
+from tests.core.test_auth import assert_problem
+
+ClientFactory = Callable[..., Any]
+
+
+@pytest.fixture
+def make_client(settings_kwargs: dict[str, Any]) -> ClientFactory:
+    """An app client whose settings differ from the defaults by `overrides`."""
+
+    @asynccontextmanager
+    async def factory(**overrides: Any) -> AsyncIterator[httpx.AsyncClient]:
+        app = create_app(Settings(**{**settings_kwargs, **overrides}))
+        async with LifespanManager(app, startup_timeout=30, shutdown_timeout=30):
+            transport = httpx.ASGITransport(
+                app=app, client=("198.51.100.9", 1234), raise_app_exceptions=False
+            )
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                client.app = app  # type: ignore[attr-defined]
+                yield client
+
+    return factory
+
+
+async def test_principal_bucket_gives_429_with_ratelimit_headers(
+    make_client: ClientFactory,
+) -> None:
+    limits = {"principal_requests_per_second": 0.01, "principal_burst": 4}
+    async with make_client(ratelimit=limits) as client:
+        account = await signup(client)
+        statuses = []
+        for _ in range(6):
+            response = await client.get("/v1/ping", headers=account.headers)
+            statuses.append(response.status_code)
+        assert statuses == [200, 200, 200, 200, 429, 429]
+        assert_problem(response, 429, "rate-limited")
+        assert int(response.headers["Retry-After"]) >= 1
+        assert response.headers["RateLimit-Remaining"] == "0"
+        assert response.headers["RateLimit-Limit"] == "4"
+        # Another principal of the same tenant has its own bucket.
+        other = {"Authorization": f"Bearer {await api_key(client, await signup(client))}"}
+        assert (await client.get("/v1/ping", headers=other)).status_code == 200
+
+
+async def test_successful_responses_carry_ratelimit_headers(make_client: ClientFactory) -> None:
+    async with make_client() as client:
+        account = await signup(client)
+        response = await client.get("/v1/ping", headers=account.headers)
+        assert response.status_code == 200
+        assert int(response.headers["RateLimit-Remaining"]) < int(
+            response.headers["RateLimit-Limit"]
+        )
+
+
+async def test_tenant_daily_quota_is_enforced(make_client: ClientFactory) -> None:
+    plans = {"free": {"requests_per_second": 1000, "burst": 1000, "daily_quota": 3}}
+    async with make_client(ratelimit={"plans": plans}) as client:
+        account = await signup(client)
+        key = {"Authorization": f"Bearer {await api_key(client, account)}"}  # 1 request
+        assert (await client.get("/v1/ping", headers=key)).status_code == 200
+        assert (await client.get("/v1/ping", headers=account.headers)).status_code == 200
+        refused = await client.get("/v1/ping", headers=key)
+        assert_problem(refused, 429, "quota-exceeded")
+        assert 0 < int(refused.headers["Retry-After"]) <= 86_400
+
+
+async def test_ip_bucket_refuses_before_authentication(make_client: ClientFactory) -> None:
+    limits = {"ip_requests_per_second": 0.01, "ip_burst": 3}
+    async with make_client(ratelimit=limits) as client:
+        codes = [(await client.get("/v1/ping")).status_code for _ in range(5)]
+        assert codes == [401, 401, 401, 429, 429]
+        assert (await client.get("/healthz")).status_code == 200  # probes are exempt
+
+
+async def test_request_id_and_security_headers(client: httpx.AsyncClient) -> None:
+    sane = await client.get("/healthz", headers={"X-Request-ID": "abc-123"})
+    assert sane.headers["X-Request-ID"] == "abc-123"
+    odd = await client.get("/healthz", headers={"X-Request-ID": "<script>" + "x" * 300})
+    assert odd.headers["X-Request-ID"] not in ("", "<script>" + "x" * 300)
+    assert sane.headers["X-Content-Type-Options"] == "nosniff"
+    assert sane.headers["X-Frame-Options"] == "DENY"
+    assert "default-src 'none'" in sane.headers["Content-Security-Policy"]
+    problem = await client.get("/v1/me")
+    assert problem.headers["X-Request-ID"]
+
+
+async def test_swagger_ui_and_openapi_are_served(client: httpx.AsyncClient) -> None:
+    docs = await client.get("/docs")
+    assert docs.status_code == 200
+    assert "swagger" in docs.text.lower()
+    spec = (await client.get("/openapi.json")).json()
+    assert "/v1/auth/signup" in spec["paths"]
+
+
+async def test_cors_allows_only_listed_origins(make_client: ClientFactory) -> None:
+    async with make_client(http={"cors_origins": ["https://app.example"]}) as client:
+        preflight = {"Access-Control-Request-Method": "GET"}
+        ok = await client.options("/v1/me", headers={"Origin": "https://app.example", **preflight})
+        assert ok.headers.get("access-control-allow-origin") == "https://app.example"
+        bad = await client.options(
+            "/v1/me", headers={"Origin": "https://evil.example", **preflight}
+        )
+        assert "access-control-allow-origin" not in bad.headers
+
+
+async def test_concurrency_limit_sheds_load_with_503(make_client: ClientFactory) -> None:
+    async with make_client(http={"max_concurrency": 1, "concurrency_retry_after_s": 2}) as client:
+        gate = asyncio.Event()
+        entered = asyncio.Event()
+        app = client.app  # type: ignore[attr-defined]
+
+        @app.get("/test-hold")
+        async def hold() -> dict[str, bool]:
+            entered.set()
+            await gate.wait()
+            return {"ok": True}
+
+        held = asyncio.create_task(client.get("/test-hold"))
+        await asyncio.wait_for(entered.wait(), 10)
+        shed = await client.get("/v1/ping")
+        assert_problem(shed, 503)
+        assert shed.headers["Retry-After"] == "2"
+        assert (await client.get("/healthz")).status_code == 200
+        gate.set()
+        assert (await held).status_code == 200
+
+
+async def test_metrics_use_route_templates(client: httpx.AsyncClient) -> None:
+    account = await signup(client)
+    await client.get(f"/v1/users/{account.user_id}", headers=account.headers)
+    text = (await client.get("/metrics")).text
+    assert "http_requests_total{" in text
+    assert 'route="/v1/users/{user_id}"' in text
+    assert account.user_id not in text
+    assert "http_request_duration_seconds_bucket" in text
+
+
+async def test_unhandled_error_is_a_problem_and_logged_with_request_id(
+    make_client: ClientFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with make_client() as client:
+        app = client.app  # type: ignore[attr-defined]
+
+        @app.get("/test-boom")
+        async def boom() -> None:
+            raise RuntimeError("secret internals")
+
+        with caplog.at_level(logging.ERROR, logger="relayport.errors"):
+            response = await client.get("/test-boom", headers={"X-Request-ID": "req-500"})
+        assert_problem(response, 500, "internal-error")
+        assert "secret internals" not in response.text
+        assert "Traceback" not in response.text
+        assert response.json()["request_id"] == "req-500"
+        [record] = [r for r in caplog.records if r.name == "relayport.errors"]
+        assert getattr(record, "request_id", None) == "req-500"
+
+
+async def test_readyz_reports_every_dependency(client: httpx.AsyncClient, backend: str) -> None:
+    response = await client.get("/readyz")
+    assert response.status_code == 200, response.text
+    checks = response.json()["checks"]
+    expected = {"database", "migrations", "broker", "pubsub"}
+    if backend == "postgres":
+        expected.add("redis")
+    assert set(checks) == expected
+    assert set(checks.values()) == {"ok"}
