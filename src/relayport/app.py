@@ -113,7 +113,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.http.security_headers:
         app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(MetricsMiddleware)
-    app.add_middleware(TracingMiddleware)
+    if settings.telemetry.otlp_endpoint:  # off by default: then it costs nothing
+        app.add_middleware(TracingMiddleware)
     app.add_middleware(RequestIdMiddleware)
     return app
 

@@ -6,11 +6,15 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
+import jwt
 import pytest
 from asgi_lifespan import LifespanManager
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from relayport.app import create_app
 from relayport.settings import Settings
@@ -180,3 +184,40 @@ async def test_readyz_reports_every_dependency(client: httpx.AsyncClient, backen
         expected.add("redis")
     assert set(checks) == expected
     assert set(checks.values()) == {"ok"}
+
+
+@pytest.mark.parametrize("algorithm", ["EdDSA", "RS256"])
+async def test_asymmetric_jwt_algorithms(
+    make_client: ClientFactory, tmp_path: Path, algorithm: str
+) -> None:
+    key: Any = (
+        ed25519.Ed25519PrivateKey.generate()
+        if algorithm == "EdDSA"
+        else rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    )
+    pem = tmp_path / "jwt.pem"
+    pem.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    auth = {"jwt_algorithm": algorithm, "jwt_private_key_file": str(pem), "jwt_kid": "k9"}
+    async with make_client(auth=auth) as client:
+        account = await signup(client)
+        header = jwt.get_unverified_header(account.access_token)
+        assert header["alg"] == algorithm
+        assert header["kid"] == "k9"
+        # Anyone holding the public key can verify the token.
+        claims = jwt.decode(
+            account.access_token, key.public_key(), algorithms=[algorithm], issuer="relayport"
+        )
+        assert claims["sub"] == account.user_id
+        assert (await client.get("/v1/me", headers=account.headers)).status_code == 200
+        # An HS256 token signed with the public key's bytes (algorithm confusion) is refused.
+        forged = jwt.encode(
+            {**claims, "role": "admin"}, "x" * 64, algorithm="HS256", headers={"kid": "k9"}
+        )
+        refused = await client.get("/v1/me", headers={"Authorization": f"Bearer {forged}"})
+        assert_problem(refused, 401, "invalid-token")

@@ -1,4 +1,4 @@
-"""Redis rate limiter: one atomic Lua script per operation, shared by every process.
+"""Redis rate limiter: one atomic Lua script per call, shared by every process.
 
 Time comes from Redis `TIME` inside the scripts, so instances whose clocks disagree still share
 one timeline. Lua numbers are doubles and Redis truncates them to integers in replies, so the
@@ -13,7 +13,13 @@ from typing import Any, Literal
 
 import redis.asyncio
 
-from relayport.core.ratelimit import TOKEN_EPSILON, Decision, validate_hit, validate_quota
+from relayport.core.ratelimit import (
+    TOKEN_EPSILON,
+    Decision,
+    Limit,
+    validate_hit,
+    validate_quota,
+)
 
 # KEYS[1]: bucket hash {tokens, ts}. ARGV: rate (tokens/s), burst, cost, epsilon.
 # The hash keeps the token count as of `ts` (microseconds of Redis time); a missing hash is a
@@ -80,6 +86,102 @@ return {allowed, math.max(0, limit - used), midnight_ms - now_ms}
 """
 
 
+# KEYS[i]: the i-th limit's bucket hash or day counter, laid out as in _HIT_LUA/_QUOTA_LUA so
+# check() and hit()/quota() share state. ARGV[1]: epsilon; then 4 per limit: kind ('b' or 'q'),
+# rate (buckets; 0 for quotas), burst or limit, cost.
+# Every limit is evaluated against one TIME; writes happen only if all allowed, so a refused
+# call changes nothing. A key listed twice sees its earlier entry's tentative consumption.
+# Reply: 4 integers per limit: allowed, remaining, retry_ms, reset_ms.
+_CHECK_LUA = """
+local eps = tonumber(ARGV[1])
+local max_ms = 1e14
+
+local t = redis.call('TIME')
+local now_s = tonumber(t[1])
+local now = now_s * 1000000 + tonumber(t[2])
+local now_ms = now_s * 1000 + math.floor(tonumber(t[2]) / 1000)
+local midnight_ms = (math.floor(now_s / 86400) + 1) * 86400000
+
+local pending = {}
+local writes = {}
+local reply = {}
+local all_allowed = true
+for i = 1, #KEYS do
+  local key = KEYS[i]
+  local base = 1 + (i - 1) * 4
+  local kind = ARGV[base + 1]
+  local cap = tonumber(ARGV[base + 3])
+  local cost = tonumber(ARGV[base + 4])
+  local allowed = 0
+  if kind == 'b' then
+    local rate = tonumber(ARGV[base + 2])
+    local tokens = pending[key]
+    if tokens then
+      tokens = math.min(cap, tokens)
+    else
+      tokens = cap
+      local state = redis.call('HMGET', key, 'tokens', 'ts')
+      if state[1] and state[2] then
+        local elapsed = math.max(0, now - tonumber(state[2])) / 1000000
+        tokens = math.min(cap, tonumber(state[1]) + elapsed * rate)
+      end
+    end
+    local retry_ms = 0
+    if tokens + eps >= cost then
+      allowed = 1
+      tokens = math.max(0, tokens - cost)
+      pending[key] = tokens
+      writes[#writes + 1] = {key, 'b', tokens, rate, cap}
+    else
+      retry_ms = math.min(max_ms, math.ceil((cost - tokens) / rate * 1000))
+    end
+    local reset_ms = math.min(max_ms, math.ceil((cap - tokens) / rate * 1000))
+    reply[#reply + 1] = allowed
+    reply[#reply + 1] = math.floor(tokens + eps)
+    reply[#reply + 1] = retry_ms
+    reply[#reply + 1] = reset_ms
+  else
+    local used = pending[key]
+    if not used then
+      used = tonumber(redis.call('GET', key) or '0')
+    end
+    local reset_ms = midnight_ms - now_ms
+    local retry_ms = reset_ms
+    if used + cost <= cap then
+      allowed = 1
+      retry_ms = 0
+      used = used + cost
+      pending[key] = used
+      writes[#writes + 1] = {key, 'q', cost}
+    end
+    reply[#reply + 1] = allowed
+    reply[#reply + 1] = math.max(0, cap - used)
+    reply[#reply + 1] = retry_ms
+    reply[#reply + 1] = reset_ms
+  end
+  if allowed == 0 then
+    all_allowed = false
+  end
+end
+
+if all_allowed then
+  for _, w in ipairs(writes) do
+    if w[2] == 'b' then
+      local tokens, rate, burst = w[3], w[4], w[5]
+      redis.call('HSET', w[1], 'tokens', string.format('%.17g', tokens),
+                 'ts', string.format('%d', now))
+      local refill_ms = math.ceil((burst - tokens) / rate * 1000)
+      redis.call('PEXPIRE', w[1], math.max(1, math.min(max_ms, refill_ms)))
+    else
+      redis.call('INCRBY', w[1], w[3])
+      redis.call('PEXPIREAT', w[1], midnight_ms)
+    end
+  end
+end
+return reply
+"""
+
+
 class RedisRateLimiter:
     """Rate limits shared by every process that talks to the same Redis."""
 
@@ -98,6 +200,7 @@ class RedisRateLimiter:
         # or SCRIPT FLUSH), so the script body crosses the wire only when needed.
         self._hit_script = client.register_script(_HIT_LUA)
         self._quota_script = client.register_script(_QUOTA_LUA)
+        self._check_script = client.register_script(_CHECK_LUA)
 
     async def hit(self, key: str, *, rate: float, burst: int, cost: int = 1) -> Decision:
         validate_hit(rate, burst, cost)
@@ -129,6 +232,37 @@ class RedisRateLimiter:
             reset_s=reset_s,
             retry_after_s=0.0 if allowed == 1 else reset_s,
         )
+
+    async def check(self, limits: Sequence[Limit]) -> list[Decision]:
+        for limit in limits:
+            limit.validate()
+        if not limits:
+            return []
+        prefix = self._prefix
+        keys: list[str] = []
+        args: list[str | int] = [repr(TOKEN_EPSILON)]
+        for limit in limits:
+            if limit.kind == "bucket":
+                keys.append(f"{prefix}b:{limit.key}")
+                args += ("b", repr(float(limit.rate)), limit.burst, limit.cost)
+            else:
+                keys.append(f"{prefix}q:{limit.key}")
+                args += ("q", 0, limit.limit, limit.cost)
+        # One EVALSHA for the whole list: one round trip, one TIME, one atomic decision.
+        values = _ints(await self._check_script(keys=keys, args=args), 4 * len(limits))
+        decisions: list[Decision] = []
+        for i, limit in enumerate(limits):
+            allowed, remaining, retry_ms, reset_ms = values[4 * i : 4 * i + 4]
+            decisions.append(
+                Decision(
+                    allowed=allowed == 1,
+                    limit=limit.burst if limit.kind == "bucket" else limit.limit,
+                    remaining=remaining,
+                    reset_s=reset_ms / 1000,
+                    retry_after_s=retry_ms / 1000,
+                )
+            )
+        return decisions
 
     async def close(self) -> None:
         if self._owns_client:
