@@ -258,6 +258,35 @@ def create_key(
     typer.echo(_with_session(run))
 
 
+@admin.command("rewrap-secrets")
+def rewrap_secrets(
+    dry_run: Annotated[bool, typer.Option(help="Only count what needs re-wrapping.")] = False,
+) -> None:
+    """Re-wrap every stored secret's data key under the active master key (after a rotation)."""
+    from relayport.core.crypto_rotation import pending_rewrap, rewrap_all
+    from relayport.runtime import build_platform, close_platform
+
+    settings = load_settings()
+
+    async def run() -> list[str]:
+        platform = await build_platform(settings)
+        try:
+            if dry_run:
+                pending = await pending_rewrap(platform.db, platform.keyring)
+                return [f"{col}: {n} pending" for col, n in pending.items()]
+            report = await rewrap_all(platform.db, platform.keyring)
+            return [
+                f"{col}: scanned {c.scanned}, rewrapped {c.rewrapped}, skipped {c.skipped}, "
+                f"failed {c.failed}"
+                for col, c in report.columns.items()
+            ]
+        finally:
+            await close_platform(platform)
+
+    lines = _run(run)
+    typer.echo("\n".join(lines) if lines else "no encrypted columns are registered")
+
+
 def main() -> None:
     with contextlib.suppress(KeyboardInterrupt):
         app()

@@ -91,7 +91,7 @@ async def seed(db: Database, values: Mapping[str, str | None]) -> None:
 
 async def stored(db: Database) -> dict[str, str | None]:
     async with db.sessions() as session:
-        rows = (await session.execute(select(Secret.id, Secret.secret))).tuples().all()
+        rows = (await session.execute(select(Secret.id, Secret.secret))).all()
     return dict(rows)
 
 
@@ -101,16 +101,22 @@ def plaintext(i: int) -> bytes:
 
 async def test_rotation_rewraps_every_row_batch_by_batch(db: Database) -> None:
     old = ring("k1")
-    await seed(db, {row_id(i): old.encrypt(plaintext(i), aad=row_id(i).encode()) for i in range(1234)})
+    await seed(
+        db, {row_id(i): old.encrypt(plaintext(i), aad=row_id(i).encode()) for i in range(1234)}
+    )
     before = await stored(db)
     rotated = ring("k1", "k2", active="k2")
     assert await pending_rewrap(db, old) == {COLUMN: 0}
     assert await pending_rewrap(db, rotated) == {COLUMN: 1234}
 
     commits: list[object] = []
-    event.listen(db.engine.sync_engine, "commit", commits.append)
+
+    def on_commit(conn: object) -> None:
+        commits.append(conn)
+
+    event.listen(db.engine.sync_engine, "commit", on_commit)
     report = await rewrap_all(db, rotated, batch_size=100)
-    event.remove(db.engine.sync_engine, "commit", commits.append)
+    event.remove(db.engine.sync_engine, "commit", on_commit)
 
     assert report.columns == {COLUMN: ColumnRewrap(scanned=1234, rewrapped=1234)}
     assert len(commits) == 13  # one short transaction per batch of 100, never one long one
@@ -153,7 +159,9 @@ class WriterRing(KeyRing):
 
 async def test_a_concurrent_writer_wins_and_its_row_is_skipped(db: Database) -> None:
     old = ring("k1")
-    await seed(db, {row_id(i): old.encrypt(plaintext(i), aad=row_id(i).encode()) for i in range(250)})
+    await seed(
+        db, {row_id(i): old.encrypt(plaintext(i), aad=row_id(i).encode()) for i in range(250)}
+    )
     victim = row_id(137)
     target = (await stored(db))[victim]
     assert target is not None

@@ -18,6 +18,7 @@ from redis.exceptions import RedisError
 
 from relayport.core.ratelimit import (
     Decision,
+    Limit,
     MemoryRateLimiter,
     RateLimiter,
     create_rate_limiter,
@@ -297,6 +298,155 @@ async def test_memory_quota_resets_at_utc_midnight() -> None:
     assert next_day.reset_s == pytest.approx(DAY_S)
 
 
+# --- check: several limits, all or nothing ------------------------------------------------------
+
+
+def _request_limits(cost: int = 1) -> list[Limit]:
+    """The three limits an authenticated request takes (as in deps._limit)."""
+    return [
+        Limit.bucket("p:alice", rate=NEVER, burst=5, cost=cost),
+        Limit.bucket("t:acme", rate=NEVER, burst=10, cost=cost),
+        Limit.daily_quota("q:acme", limit=20, cost=cost),
+    ]
+
+
+def test_limit_helpers_build_buckets_and_quotas() -> None:
+    assert Limit.bucket("k", rate=2.5, burst=4, cost=2) == Limit(
+        "k", "bucket", rate=2.5, burst=4, cost=2
+    )
+    assert Limit.daily_quota("k", limit=9) == Limit("k", "quota", limit=9, cost=1)
+
+
+async def test_check_consumes_every_limit_when_all_allow(backend: Backend) -> None:
+    first = await backend.limiter.check(_request_limits(cost=2))
+    second = await backend.limiter.check(_request_limits())
+
+    assert [(d.allowed, d.remaining) for d in first] == [(True, 3), (True, 8), (True, 18)]
+    assert [(d.allowed, d.remaining) for d in second] == [(True, 2), (True, 7), (True, 17)]
+    assert all(d.retry_after_s == 0 for d in first + second)
+    assert [d.limit for d in first] == [5, 10, 20]
+
+
+async def test_check_consumes_nothing_when_one_bucket_refuses(backend: Backend) -> None:
+    assert (await backend.limiter.hit("p:alice", rate=NEVER, burst=5, cost=5)).allowed
+
+    refused = await backend.limiter.check(_request_limits())
+    tenant = await backend.limiter.hit("t:acme", rate=NEVER, burst=10)
+    quota = await backend.limiter.quota("q:acme", limit=20)
+
+    assert [d.allowed for d in refused] == [False, True, True]
+    assert refused[0].remaining == 0
+    assert refused[0].retry_after_s > 0
+    assert "Retry-After" in refused[0].headers()
+    # The others report what they would have left, but nothing was taken from them.
+    assert [(d.remaining, d.retry_after_s) for d in refused[1:]] == [(9, 0), (19, 0)]
+    assert (tenant.allowed, tenant.remaining) == (True, 9)
+    assert (quota.allowed, quota.remaining) == (True, 19)
+
+
+async def test_check_consumes_nothing_when_the_quota_refuses(backend: Backend) -> None:
+    assert (await backend.limiter.quota("q:acme", limit=20, cost=20)).allowed
+
+    refused = await backend.limiter.check(_request_limits())
+    again = await backend.limiter.check(_request_limits()[:2])
+
+    assert [d.allowed for d in refused] == [True, True, False]
+    assert refused[2].remaining == 0
+    assert refused[2].retry_after_s == refused[2].reset_s > 0
+    assert [(d.allowed, d.remaining) for d in again] == [(True, 4), (True, 9)]
+
+
+async def test_check_reports_every_refusal(backend: Backend) -> None:
+    await backend.limiter.hit("a", rate=NEVER, burst=1)
+    await backend.limiter.quota("q", limit=1)
+
+    decisions = await backend.limiter.check(
+        [
+            Limit.bucket("a", rate=NEVER, burst=1),
+            Limit.bucket("b", rate=NEVER, burst=3),
+            Limit.daily_quota("q", limit=1),
+        ]
+    )
+
+    assert [d.allowed for d in decisions] == [False, True, False]
+    assert (await backend.limiter.hit("b", rate=NEVER, burst=3)).remaining == 2
+
+
+async def test_check_returns_decisions_in_input_order(backend: Backend) -> None:
+    limits = [
+        Limit.daily_quota("z", limit=7),
+        Limit.bucket("y", rate=NEVER, burst=3),
+        Limit.daily_quota("a", limit=2, cost=2),
+        Limit.bucket("b", rate=NEVER, burst=9, cost=4),
+    ]
+
+    decisions = await backend.limiter.check(limits)
+
+    assert [(d.limit, d.remaining) for d in decisions] == [(7, 6), (3, 2), (2, 0), (9, 5)]
+    assert await backend.limiter.check([]) == []
+
+
+async def test_check_shares_state_with_hit_and_quota(backend: Backend) -> None:
+    await backend.limiter.hit("x", rate=NEVER, burst=5, cost=2)
+    await backend.limiter.quota("x", limit=5, cost=3)
+
+    checked = await backend.limiter.check(
+        [Limit.bucket("x", rate=NEVER, burst=5), Limit.daily_quota("x", limit=5)]
+    )
+    hit = await backend.limiter.hit("x", rate=NEVER, burst=5)
+    quota = await backend.limiter.quota("x", limit=5)
+
+    assert [d.remaining for d in checked] == [2, 1]
+    assert (hit.allowed, hit.remaining) == (True, 1)
+    assert (quota.allowed, quota.remaining) == (True, 0)
+
+
+async def test_check_sees_a_repeated_key_consumed_by_its_earlier_entry(backend: Backend) -> None:
+    twice = [Limit.bucket("k", rate=NEVER, burst=3, cost=2)] * 2
+
+    refused = await backend.limiter.check(twice)
+    allowed = await backend.limiter.check([Limit.bucket("k", rate=NEVER, burst=3)] * 2)
+    quotas = await backend.limiter.check([Limit.daily_quota("q", limit=3, cost=2)] * 2)
+
+    assert [(d.allowed, d.remaining) for d in refused] == [(True, 1), (False, 1)]
+    assert [(d.allowed, d.remaining) for d in allowed] == [(True, 2), (True, 1)]
+    assert [(d.allowed, d.remaining) for d in quotas] == [(True, 1), (False, 1)]
+    assert (await backend.limiter.quota("q", limit=3)).remaining == 2
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        Limit.bucket("k", rate=0, burst=5),
+        Limit.bucket("k", rate=math.nan, burst=5),
+        Limit.bucket("k", rate=1, burst=0),
+        Limit.bucket("k", rate=1, burst=5, cost=6),
+        Limit.daily_quota("k", limit=0),
+        Limit.daily_quota("k", limit=3, cost=4),
+        Limit("k", cast(Any, "hourly"), limit=3),
+    ],
+)
+async def test_check_rejects_impossible_limits_before_consuming_any(
+    backend: Backend, bad: Limit
+) -> None:
+    good = Limit.bucket("good", rate=NEVER, burst=5)
+
+    with pytest.raises(ValueError, match=r"rate|burst|cost|limit|kind"):
+        await backend.limiter.check([good, bad])
+
+    assert (await backend.limiter.hit("good", rate=NEVER, burst=5)).remaining == 4
+
+
+async def test_concurrent_checks_are_atomic(backend: Backend) -> None:
+    decisions = await asyncio.gather(*(backend.limiter.check(_request_limits()) for _ in range(40)))
+
+    allowed = [ds for ds in decisions if all(d.allowed for d in ds)]
+    assert len(allowed) == 5
+    assert sorted(ds[0].remaining for ds in allowed) == [0, 1, 2, 3, 4]
+    assert (await backend.limiter.hit("t:acme", rate=NEVER, burst=10)).remaining == 4
+    assert (await backend.limiter.quota("q:acme", limit=20)).remaining == 14
+
+
 # --- headers ------------------------------------------------------------------------------------
 
 
@@ -359,6 +509,52 @@ async def test_two_redis_instances_share_one_bucket_under_concurrency(
         await other_process.aclose()
 
 
+async def test_two_redis_instances_check_all_or_nothing_under_concurrency(
+    redis_client: Redis, prefix: str
+) -> None:
+    other_process = await _connect()
+    try:
+        limiters = [RedisRateLimiter(redis_client, prefix), RedisRateLimiter(other_process, prefix)]
+        limits = [
+            Limit.bucket("p:alice", rate=NEVER, burst=50),
+            Limit.bucket("t:acme", rate=NEVER, burst=1000),
+            Limit.daily_quota("q:acme", limit=10**6),
+        ]
+
+        results = await asyncio.gather(*(limiters[i % 2].check(limits) for i in range(200)))
+
+        allowed = [ds for ds in results if ds[0].allowed]
+        assert len(allowed) == 50
+        assert all(ds[1].allowed and ds[2].allowed for ds in results), "only the principal refuses"
+        assert sorted(ds[0].remaining for ds in allowed) == list(range(50))
+        assert sorted(ds[1].remaining for ds in allowed) == list(range(950, 1000))
+        assert await redis_client.get(f"{prefix}q:q:acme") == b"50"
+        tenant = await limiters[0].hit("t:acme", rate=NEVER, burst=1000)
+        assert tenant.remaining == 949
+    finally:
+        await other_process.aclose()
+
+
+async def test_redis_check_is_one_round_trip(redis_client: Redis, prefix: str) -> None:
+    limiter = RedisRateLimiter(redis_client, prefix)
+    await limiter.check(_request_limits())  # loads the script if Redis does not know it yet
+    commands: list[Any] = []
+    execute_command: Any = redis_client.execute_command
+
+    async def counting(*args: Any, **options: Any) -> Any:
+        commands.append(args[0])
+        return await execute_command(*args, **options)
+
+    redis_client.execute_command = counting  # type: ignore[method-assign]
+    try:
+        decisions = await limiter.check(_request_limits())
+    finally:
+        del redis_client.execute_command
+
+    assert commands == ["EVALSHA"]
+    assert [d.remaining for d in decisions] == [3, 8, 18]
+
+
 async def test_redis_bucket_key_vanishes_once_refilled(redis_client: Redis, prefix: str) -> None:
     limiter = RedisRateLimiter(redis_client, prefix)
     await limiter.hit("idle", rate=100, burst=10, cost=5)
@@ -413,6 +609,31 @@ async def test_memory_limiter_stays_within_max_keys() -> None:
     assert not (await limiter.hit("bucket-999", rate=NEVER, burst=5, cost=5)).allowed, (
         "the most recently used bucket is kept"
     )
+
+
+async def test_memory_limiter_sweeps_refilled_buckets_at_most_once_per_interval() -> None:
+    clock = FakeClock(start=0.0)
+    limiter = MemoryRateLimiter(clock=clock, sweep_interval_s=10)
+
+    await limiter.hit("a", rate=10, burst=5)  # sweeps, next sweep due at 10 s
+    clock.advance(1)  # "a" has refilled, but no sweep is due yet
+    await limiter.hit("b", rate=10, burst=5)
+    assert limiter.tracked_keys == 2
+    assert (await limiter.hit("a", rate=10, burst=5)).remaining == 4, "a refilled bucket is full"
+    clock.advance(10)
+    await limiter.check([Limit.bucket("c", rate=10, burst=5)])
+
+    assert limiter.tracked_keys == 1
+
+
+async def test_memory_limiter_check_stays_within_max_keys() -> None:
+    limiter = MemoryRateLimiter(clock=FakeClock(start=0.0), max_keys=10, sweep_interval_s=1e9)
+
+    for i in range(100):
+        limits = [Limit.bucket(f"b-{i}", rate=NEVER, burst=5), Limit.daily_quota(f"q-{i}", limit=5)]
+        assert all(d.allowed for d in await limiter.check(limits))
+
+    assert limiter.tracked_keys == 20
 
 
 async def test_create_rate_limiter_uses_memory_without_redis_url() -> None:

@@ -112,7 +112,7 @@ async def _batches(
         if last is not None:
             query = query.where(entry.pk > last)
         async with db.sessions() as session:
-            rows = (await session.execute(query.order_by(entry.pk).limit(size))).tuples().all()
+            rows = (await session.execute(query.order_by(entry.pk).limit(size))).all()
         if not rows:
             return
         yield rows

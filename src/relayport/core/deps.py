@@ -12,7 +12,7 @@ from relayport.core.auth.principal import Principal
 from relayport.core.context import principal_id_var, tenant_id_var
 from relayport.core.errors import NotFound, Problem, RateLimited
 from relayport.core.platform import Platform
-from relayport.core.ratelimit import Decision
+from relayport.core.ratelimit import Limit
 
 
 def get_platform(request: Request) -> Platform:
@@ -69,37 +69,30 @@ async def _limit(platform: Platform, principal: Principal, response: Response) -
     if not settings.enabled:
         return
     plan = settings.plans.get(principal.plan) or settings.plans["free"]
-    limiter = platform.limiter
-    steps: list[tuple[str, Callable[[], Awaitable[Decision]]]] = [
-        (
-            "rate-limited",
-            lambda: limiter.hit(
+    # One atomic call (one Redis round trip): all three pass and are spent, or none is.
+    decisions = await platform.limiter.check(
+        [
+            Limit.bucket(
                 f"p:{principal.id}",
                 rate=settings.principal_requests_per_second,
                 burst=settings.principal_burst,
             ),
-        ),
-        (
-            "rate-limited",
-            lambda: limiter.hit(
+            Limit.bucket(
                 f"t:{principal.tenant_id}", rate=plan.requests_per_second, burst=plan.burst
             ),
-        ),
-        (
-            "quota-exceeded",
-            lambda: limiter.quota(f"q:{principal.tenant_id}", limit=plan.daily_quota),
-        ),
-    ]
-    tightest: Decision | None = None
-    for slug, step in steps:
-        decision = await step()
+            Limit.daily_quota(f"q:{principal.tenant_id}", limit=plan.daily_quota),
+        ]
+    )
+    for index, decision in enumerate(decisions):
         if not decision.allowed:
-            detail = "daily quota exhausted" if slug == "quota-exceeded" else "slow down"
-            raise RateLimited(detail, slug=slug, headers=decision.headers())
-        if tightest is None or decision.remaining < tightest.remaining:
-            tightest = decision
-    if tightest is not None:
-        response.headers.update(tightest.headers())
+            quota = index == 2
+            raise RateLimited(
+                "daily quota exhausted" if quota else "slow down",
+                slug="quota-exceeded" if quota else "rate-limited",
+                headers=decision.headers(),
+            )
+    tightest = min(decisions, key=lambda d: d.remaining)
+    response.headers.update(tightest.headers())
 
 
 def require(role: str) -> Callable[..., Awaitable[Principal]]:
