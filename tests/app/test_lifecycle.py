@@ -123,3 +123,32 @@ def test_concurrent_migrations_do_not_race(postgres_database_url: str) -> None:
     revision, rows = asyncio.run(check())
     assert revision == migrate.head_revision()
     assert rows == 1
+
+
+def test_worker_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("RELAYPORT_")}
+    env = {**clean, "RELAYPORT_DATA_DIR": str(tmp_path / "data")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "relayport", "worker"],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        output = b""
+        deadline = time.monotonic() + 30
+        assert proc.stdout is not None
+        os.set_blocking(proc.stdout.fileno(), False)
+        while b"worker.started" not in output and time.monotonic() < deadline:
+            assert proc.poll() is None, output.decode()
+            output += proc.stdout.read() or b""
+            time.sleep(0.05)
+        assert b"worker.started" in output, output.decode()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        output += proc.stdout.read() or b""
+        assert b"worker.stopped" in output
+    finally:
+        if proc.poll() is None:
+            proc.kill()
