@@ -50,7 +50,7 @@ def load_settings(**overrides: Any) -> Settings:
 def _run(coro: Callable[[], Awaitable[T]]) -> T:
     try:
         return asyncio.run(coro())  # type: ignore[arg-type]
-    except ValueError as exc:  # configuration problems found while connecting
+    except (ValueError, OSError) as exc:  # configuration problems found while connecting
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
 

@@ -6,9 +6,12 @@ exit code 2. Nothing else in the code reads `os.environ`.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -43,6 +46,22 @@ class HttpSettings(BaseModel):
         default_factory=list, description="CIDRs whose X-Forwarded-For is believed."
     )
     security_headers: bool = True
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        for origin in value:
+            parts = urlsplit(origin)
+            if (
+                origin == "*"
+                or parts.scheme not in ("http", "https")
+                or not parts.netloc
+                or parts.path not in ("", "/")
+                or parts.query
+                or parts.fragment
+            ):
+                raise ValueError(f"CORS origin must look like https://host[:port], not {origin!r}")
+        return value
 
     @field_validator("trusted_proxies")
     @classmethod
@@ -86,6 +105,13 @@ class RateLimitSettings(BaseModel):
     principal_burst: int = Field(default=200, gt=0)
     plans: dict[str, PlanLimits] = Field(default_factory=_default_plans)
 
+    @field_validator("plans")
+    @classmethod
+    def _has_free(cls, value: dict[str, PlanLimits]) -> dict[str, PlanLimits]:
+        if "free" not in value:
+            raise ValueError('plans must define "free", the plan of new tenants')
+        return value
+
 
 class TelemetrySettings(BaseModel):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -100,12 +126,43 @@ class OutboxSettings(BaseModel):
     max_publish_backoff_ms: int = Field(default=30_000, gt=0)
 
 
+class IngestSettings(BaseModel):
+    """Inbound webhooks: job leases, retries, the scheduler and per-source limits."""
+
+    lease_s: float = Field(
+        default=60, gt=0, description="How long a worker owns a running job before another may."
+    )
+    scheduler_interval_s: float = Field(default=1.0, gt=0, le=60)
+    max_attempts: int = Field(default=8, ge=1, le=100, description="Default for new sources.")
+    retry_base_s: float = Field(default=1.0, gt=0)
+    retry_cap_s: float = Field(default=3600, gt=0)
+    requeue_stuck_after_s: float = Field(
+        default=300, gt=0, description="Re-publish a job still queued after this long."
+    )
+    source_requests_per_second: float = Field(default=1000, gt=0)
+    source_burst: int = Field(default=2000, gt=0)
+    source_cache_ttl_s: float = Field(default=5, ge=0)
+
+
+def _b64decode(value: str) -> bytes:
+    text = value.strip()
+    try:
+        return base64.b64decode(
+            text + "=" * (-len(text) % 4),
+            altchars=b"-_" if "-" in text or "_" in text else None,
+            validate=True,
+        )
+    except (binascii.Error, ValueError):
+        return b""
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="RELAYPORT_",
         env_nested_delimiter="__",
         env_file=".env",
         extra="ignore",
+        hide_input_in_errors=True,  # inputs include secrets and URLs with passwords
     )
 
     env: Literal["development", "production", "test"] = "development"
@@ -130,6 +187,7 @@ class Settings(BaseSettings):
     ratelimit: RateLimitSettings = Field(default_factory=RateLimitSettings)
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
     outbox: OutboxSettings = Field(default_factory=OutboxSettings)
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
 
     @field_validator("database_url")
     @classmethod
@@ -138,8 +196,9 @@ class Settings(BaseSettings):
             return value
         try:
             url = make_url(value)
-        except ArgumentError as exc:
-            raise ValueError(f"malformed database URL {value!r}") from exc
+        except ArgumentError:
+            # The URL may carry a password: never echo it.
+            raise ValueError("malformed database URL") from None
         backend = url.get_backend_name()
         if backend == "sqlite":
             return url.set(drivername="sqlite+aiosqlite").render_as_string(hide_password=False)
@@ -191,6 +250,17 @@ class Settings(BaseSettings):
             )
         if self.crypto.active_key_id and self.crypto.active_key_id not in self.crypto.master_keys:
             raise ValueError("crypto.active_key_id names no key in crypto.master_keys")
+        for kid, key in self.crypto.master_keys.items():
+            if len(_b64decode(key.get_secret_value())) != 32:
+                raise ValueError(f"crypto.master_keys[{kid!r}] is not base64 of 32 bytes")
+        key_file = self.auth.jwt_private_key_file
+        if self.auth.jwt_algorithm != "HS256" and key_file is not None and not key_file.is_file():
+            raise ValueError(f"auth.jwt_private_key_file {str(key_file)!r} is not a readable file")
+        if self.workers > 1 and self.broker_url is None:
+            raise ValueError(
+                "several server processes need RELAYPORT_BROKER_URL (RabbitMQ) and "
+                "RELAYPORT_DATABASE_URL (PostgreSQL): the in-process broker is per process"
+            )
         return self
 
     @property

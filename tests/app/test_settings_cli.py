@@ -33,6 +33,23 @@ def run_cli(tmp_path: Path, env: dict[str, str], *args: str) -> subprocess.Compl
         ({"RELAYPORT_ENV": "production"}, "weak JWT"),
         ({"RELAYPORT_PORT": "eighty"}, "RELAYPORT_PORT"),
         ({"RELAYPORT_HTTP__TRUSTED_PROXIES": '["not-a-cidr"]'}, "not a CIDR"),
+        ({"RELAYPORT_HTTP__CORS_ORIGINS": '["*"]'}, "CORS origin"),
+        ({"RELAYPORT_CRYPTO__MASTER_KEYS": '{"k1": "too-short"}'}, "base64 of 32 bytes"),
+        ({"RELAYPORT_WORKERS": "4"}, "RELAYPORT_BROKER_URL"),
+        (
+            {
+                "RELAYPORT_RATELIMIT__PLANS": '{"pro": {"requests_per_second": 1, "burst": 1, '
+                '"daily_quota": 1}}'
+            },
+            'define "free"',
+        ),
+        (
+            {
+                "RELAYPORT_AUTH__JWT_ALGORITHM": "EdDSA",
+                "RELAYPORT_AUTH__JWT_PRIVATE_KEY_FILE": "/nonexistent.pem",
+            },
+            "not a readable file",
+        ),
     ],
 )
 def test_bad_setting_exits_2_with_one_line(
@@ -44,6 +61,14 @@ def test_bad_setting_exits_2_with_one_line(
     assert len(lines) == 1, result.stderr
     assert needle in lines[0]
     assert "Traceback" not in result.stderr
+
+
+def test_malformed_database_url_does_not_echo_its_password(tmp_path: Path) -> None:
+    result = run_cli(
+        tmp_path, {"RELAYPORT_DATABASE_URL": "postgresql//app:S3cretDbPass@db/x"}, "migrate"
+    )
+    assert result.returncode == 2
+    assert "S3cretDbPass" not in result.stderr + result.stdout
 
 
 def test_migrate_then_admin_commands_make_a_working_key(tmp_path: Path) -> None:

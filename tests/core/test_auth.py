@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime as dt
 import json
@@ -268,3 +269,95 @@ async def test_pagination_walks_every_key_once(client: httpx.AsyncClient, accoun
         if after is None:
             break
     assert seen == list(reversed(ids))
+
+
+async def _second_admin(app: FastAPI, account: Account, email: str) -> dict[str, str]:
+    async with app.state.platform.db.transaction() as session:
+        session.add(
+            User(
+                id=new_id("usr"),
+                tenant_id=account.tenant_id,
+                email=email,
+                password_hash=await hash_password("second password!"),
+                role="admin",
+                is_active=True,
+                created_at=utcnow(),
+            )
+        )
+    transport = httpx.ASGITransport(app=app, client=("203.0.113.8", 1))
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as other:
+        login = await other.post(
+            "/v1/auth/login", json={"email": email, "password": "second password!"}
+        )
+    assert login.status_code == 200, login.text
+    return {"Authorization": f"Bearer {login.json()['access_token']}"}
+
+
+async def test_concurrent_demotions_keep_one_admin(
+    app: FastAPI, client: httpx.AsyncClient, account: Account
+) -> None:
+    second = await _second_admin(app, account, "two@example.com")
+    second_id = (await client.get("/v1/me", headers=second)).json()["id"]
+    results = await asyncio.gather(
+        client.patch(f"/v1/users/{second_id}", json={"role": "viewer"}, headers=account.headers),
+        client.patch(f"/v1/users/{account.user_id}", json={"role": "viewer"}, headers=second),
+    )
+    assert sorted(r.status_code for r in results) == [200, 409], [r.text for r in results]
+    first = await client.get("/v1/users", headers=account.headers)
+    # Whichever of the two is still admin can list; the other is now a viewer.
+    listing = first if first.status_code == 200 else await client.get("/v1/users", headers=second)
+    assert [u["role"] for u in listing.json()["data"]].count("admin") == 1
+
+
+async def test_deactivated_users_keys_stop_working_and_demotion_lowers_them(
+    app: FastAPI, client: httpx.AsyncClient, account: Account
+) -> None:
+    second = await _second_admin(app, account, "leaver@example.com")
+    second_id = (await client.get("/v1/me", headers=second)).json()["id"]
+    made = await client.post(
+        "/v1/api-keys", json={"name": "theirs", "role": "admin"}, headers=second
+    )
+    their_key = {"Authorization": f"Bearer {made.json()['key']}"}
+    assert (await client.get("/v1/users", headers=their_key)).status_code == 200
+    demoted = await client.patch(
+        f"/v1/users/{second_id}", json={"role": "operator"}, headers=account.headers
+    )
+    assert demoted.status_code == 200
+    assert_problem(await client.get("/v1/users", headers=their_key), 403, "insufficient-role")
+    off = await client.patch(
+        f"/v1/users/{second_id}", json={"is_active": False}, headers=account.headers
+    )
+    assert off.status_code == 200
+    assert_problem(await client.get("/v1/ping", headers=their_key), 401, "invalid-api-key")
+    key = await client.get(f"/v1/api-keys/{made.json()['id']}", headers=account.headers)
+    assert key.json()["revoked_at"] is not None
+
+
+async def test_failed_logins_from_one_ip_do_not_lock_the_owner_out(
+    app: FastAPI, client: httpx.AsyncClient, account: Account
+) -> None:
+    for _ in range(10):
+        await client.post("/v1/auth/login", json={"email": account.email, "password": "guess!"})
+    throttled = await client.post(
+        "/v1/auth/login", json={"email": account.email, "password": account.password}
+    )
+    assert_problem(throttled, 429, "login-throttled")
+    transport = httpx.ASGITransport(app=app, client=("192.0.2.77", 1))
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as owner:
+        ok = await owner.post(
+            "/v1/auth/login", json={"email": account.email, "password": account.password}
+        )
+    assert ok.status_code == 200
+
+
+async def test_concurrent_refreshes_of_one_token_issue_one_successor(
+    client: httpx.AsyncClient, account: Account
+) -> None:
+    """Exactly one of two simultaneous refreshes wins. (When they truly overlap the loser is
+    refused without revoking; one that arrives after the winner committed is a replay and
+    revokes the family: the two cannot be told apart.)"""
+    body = {"refresh_token": account.refresh_token}
+    results = await asyncio.gather(
+        client.post("/v1/auth/refresh", json=body), client.post("/v1/auth/refresh", json=body)
+    )
+    assert sorted(r.status_code for r in results) == [200, 401]

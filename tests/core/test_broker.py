@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from relayport.core.broker import Broker, InProcessBroker, Message, create_broker
+from relayport.core.broker import Broker, BrokerError, InProcessBroker, Message, create_broker
 from relayport.core.broker_rabbitmq import RabbitMQBroker
 from relayport.settings import Settings
 from tests.fixtures.services import wait_until
@@ -221,3 +221,29 @@ def test_factory_picks_backend_from_settings() -> None:
     assert isinstance(create_broker(Settings(broker_url=None)), InProcessBroker)
     rabbit = create_broker(Settings(broker_url="amqp://guest:guest@127.0.0.1:5672/"))
     assert isinstance(rabbit, RabbitMQBroker)
+
+
+async def test_confirming_in_process_broker_publishes_only_once_handled() -> None:
+    """The embedded default: memory is not durable, so publish means "a handler settled it"."""
+    broker = InProcessBroker(shutdown_timeout=1, confirm_on_settle=True)
+    await broker.start()
+    with pytest.raises(BrokerError):  # nobody consumes: the outbox row must stay unsent
+        await broker.publish("jobs", b"x", message_id="m0")
+    handled: list[str] = []
+    gate = asyncio.Event()
+
+    async def handler(message: Message) -> None:
+        if message.message_id == "slow":
+            await gate.wait()
+        handled.append(message.message_id)
+
+    await broker.consume("jobs", handler)
+    await broker.publish("jobs", b"x", message_id="m1")
+    assert handled == ["m1"]
+    slow = asyncio.create_task(broker.publish("jobs", b"x", message_id="slow"))
+    await wait_until(lambda: broker.queued("jobs") == 0, what="slow message taken")
+    await broker.close()  # shutdown interrupts the handler
+    with pytest.raises(BrokerError):
+        await slow
+    assert "slow" not in handled
+    assert broker.queued("jobs") == 0  # the publisher re-publishes; no second copy is kept

@@ -18,7 +18,7 @@ from relayport.core.crypto import (
     _create_key_file,
     generate_master_key,
 )
-from relayport.settings import Settings
+from relayport.settings import CryptoSettings, Settings
 
 K1 = bytes(range(32))
 K2 = bytes(range(100, 132))
@@ -254,13 +254,20 @@ def test_from_settings_uses_the_configured_active_kid(tmp_path: Path) -> None:
 def test_bad_configured_key_is_a_value_error_naming_the_kid_not_the_key(
     tmp_path: Path, value: str
 ) -> None:
-    settings = Settings(
-        data_dir=tmp_path, crypto={"master_keys": {"prod-2025": value}}, _env_file=None
-    )
+    # Settings refuse the key at start (exit 2 in the CLI), naming the kid but not the key.
     with pytest.raises(ValueError, match="'prod-2025'") as caught:
-        KeyRing.from_settings(settings)
+        Settings(data_dir=tmp_path, crypto={"master_keys": {"prod-2025": value}}, _env_file=None)
     assert value not in str(caught.value)
-    assert "\n" not in str(caught.value)
+    # The key ring checks again for rings built without Settings validation.
+    settings = Settings.model_construct(
+        data_dir=tmp_path,
+        env="development",
+        crypto=CryptoSettings(master_keys={"prod-2025": value}),
+    )
+    with pytest.raises(ValueError, match="'prod-2025'") as direct:
+        KeyRing.from_settings(settings)
+    assert value not in str(direct.value)
+    assert "\n" not in str(direct.value)
 
 
 def test_from_settings_generates_a_private_key_file_once_and_loads_it_after(

@@ -89,10 +89,23 @@ class InProcessBroker:
 
     Messages live only as long as this object; `close()` keeps them, so a `start()` after it
     (a consumer restart) sees what was left, as a RabbitMQ consumer would.
+
+    With `confirm_on_settle` (what the app uses), `publish` returns only once a handler has
+    settled the message (acked or dead-lettered) and refuses queues nobody consumes. Memory is
+    not durable, so "published" must mean "handled": the outbox relay marks a row sent only
+    then, and a restart re-publishes whatever was still in flight.
     """
 
-    def __init__(self, *, shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        *,
+        shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_S,
+        confirm_on_settle: bool = False,
+    ) -> None:
         self._shutdown_timeout = shutdown_timeout
+        self._confirm_on_settle = confirm_on_settle
+        self._settled: dict[int, asyncio.Future[None]] = {}
+        self._consumed: set[str] = set()
         self._queues: dict[str, asyncio.Queue[Message]] = {}
         self._dead: defaultdict[str, deque[Message]] = defaultdict(deque)
         self._consumers: list[asyncio.Task[None]] = []
@@ -104,6 +117,7 @@ class InProcessBroker:
 
     async def close(self) -> None:
         self._started = False
+        self._consumed.clear()
         consumers, self._consumers = self._consumers, []
         for task in consumers:
             task.cancel()
@@ -131,7 +145,18 @@ class InProcessBroker:
         if not self._started:
             raise BrokerError("in-process broker is not started")
         message = Message(body=body, message_id=message_id, headers=dict(headers or {}))
+        if not self._confirm_on_settle:
+            self._queue(queue).put_nowait(message)
+            return
+        if queue not in self._consumed:
+            raise BrokerError(f"no consumer for {queue!r} in this process")
+        settled = asyncio.get_running_loop().create_future()
+        self._settled[id(message)] = settled
         self._queue(queue).put_nowait(message)
+        try:
+            await settled
+        finally:
+            self._settled.pop(id(message), None)
 
     async def consume(self, queue: str, handler: Handler, *, prefetch: int = 16) -> None:
         check_queue_name(queue)
@@ -143,6 +168,7 @@ class InProcessBroker:
             self._consume_loop(queue, handler, prefetch), name=f"broker-consume:{queue}"
         )
         self._consumers.append(task)
+        self._consumed.add(queue)
 
     def dead_letters(self, queue: str) -> list[Message]:
         """Messages dead-lettered from `queue`, oldest first, left in place."""
@@ -201,7 +227,15 @@ class InProcessBroker:
             self._dead[queue].append(replace(message, headers={**message.headers, **death}))
             settled = True
         finally:
-            if not settled:
+            waiter = self._settled.get(id(message))
+            if settled:
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(None)
+            elif waiter is not None:
+                # Interrupted with a publisher waiting: it re-publishes (its row stays unsent).
+                if not waiter.done():
+                    waiter.set_exception(BrokerError("handler interrupted"))
+            else:
                 # Interrupted (shutdown): give it back, as RabbitMQ does with an unacked message.
                 source.put_nowait(replace(message, redelivered=True))
 
@@ -209,7 +243,7 @@ class InProcessBroker:
 def create_broker(settings: Settings) -> Broker:
     """The broker the settings name: in-process without a URL, RabbitMQ for `amqp://`."""
     if settings.broker_url is None:
-        return InProcessBroker(shutdown_timeout=settings.shutdown_timeout_s)
+        return InProcessBroker(shutdown_timeout=settings.shutdown_timeout_s, confirm_on_settle=True)
     # Imported here so the embedded default never loads aio-pika.
     from relayport.core.broker_rabbitmq import RabbitMQBroker
 

@@ -32,6 +32,7 @@ async def _session(request: Request) -> AsyncIterator[AsyncSession]:
         except Problem as exc:
             if exc.commit:
                 await session.commit()
+                _after_commit(session)
             else:
                 await session.rollback()
             raise
@@ -40,6 +41,18 @@ async def _session(request: Request) -> AsyncIterator[AsyncSession]:
             raise
         else:
             await session.commit()
+            _after_commit(session)
+
+
+def after_commit(session: AsyncSession, callback: Callable[[], None]) -> None:
+    """Run `callback` once the request's transaction has committed (e.g. drop a cache entry:
+    doing it before the commit lets a concurrent request re-cache the old row)."""
+    session.info.setdefault("after_commit", []).append(callback)
+
+
+def _after_commit(session: AsyncSession) -> None:
+    for callback in session.info.pop("after_commit", []):
+        callback()
 
 
 SessionDep = Annotated[AsyncSession, Depends(_session, scope="function")]

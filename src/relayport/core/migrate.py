@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
@@ -27,7 +28,10 @@ def alembic_config() -> Config:
     return cfg
 
 
+@functools.cache
 def head_revision() -> str | None:
+    # Parsing every script is milliseconds of blocking work; the scripts never change while
+    # the process runs, and /readyz asks on every probe.
     return ScriptDirectory.from_config(alembic_config()).get_current_head()
 
 

@@ -59,7 +59,10 @@ class TenantRepository(Generic[M]):
     ) -> Page[M]:
         if not 1 <= limit <= MAX_PAGE:
             raise BadRequest(f"limit must be between 1 and {MAX_PAGE}", slug="invalid-limit")
-        stmt = self.query() if stmt is None else stmt
+        # Re-apply the tenant filter: a caller-built statement cannot widen the scope.
+        stmt = (
+            self.query() if stmt is None else stmt.where(self._cols().tenant_id == self.tenant_id)
+        )
         if after:
             stmt = stmt.where(self._cols().id < after)
         stmt = stmt.order_by(self._cols().id.desc()).limit(limit + 1)

@@ -22,7 +22,7 @@ from relayport.core.auth.schemas import (
     UserOut,
     UserUpdate,
 )
-from relayport.core.deps import Admin, PlatformDep, SessionDep, Viewer, client_ip
+from relayport.core.deps import Admin, PlatformDep, SessionDep, Viewer, after_commit, client_ip
 from relayport.core.errors import RateLimited
 from relayport.core.schemas import ListResponse
 from relayport.core.tenants import get_tenant
@@ -80,9 +80,11 @@ async def login(
 ) -> dict[str, object]:
     """Exchange email and password for an access token and a refresh token. Public."""
     auth = platform.settings.auth
-    # Guessing is throttled per account, whatever the caller's IP.
+    # Guessing is throttled per account and client IP: keyed on the account alone, anyone
+    # could lock any account out by failing its login on purpose.
+    ip = client_ip(request)
     decision = await platform.limiter.hit(
-        f"login:{service.normalize_email(body.email)}",
+        f"login:{service.normalize_email(body.email)}:{ip}",
         rate=auth.max_failed_logins / 900,
         burst=auth.max_failed_logins,
     )
@@ -98,7 +100,8 @@ async def login(
         refresh_ttl_s=auth.refresh_token_ttl_s,
         email=body.email,
         password=body.password,
-        ip=client_ip(request),
+        ip=ip,
+        lookup=platform.db.sessions(),
     )
     return _tokens(tokens)
 
@@ -168,7 +171,7 @@ async def update_user(
     platform: PlatformDep,
 ) -> UserOut:
     """Change a user's role or deactivate them (audited). Role: admin."""
-    user = await service.update_user(
+    user, key_hashes = await service.update_user(
         session,
         principal,
         user_id,
@@ -176,7 +179,13 @@ async def update_user(
         is_active=body.is_active,
         ip=client_ip(request),
     )
-    platform.authenticator.forget_user(user.id)
+
+    def forget() -> None:
+        platform.authenticator.forget_user(user.id)
+        for key_hash in key_hashes:
+            platform.authenticator.forget_key(key_hash)
+
+    after_commit(session, forget)
     return _user(user)
 
 
@@ -218,5 +227,5 @@ async def revoke_api_key(
 ) -> Response:
     """Revoke an API key; it stops working at once on this instance. Role: admin."""
     key = await service.revoke_api_key(session, principal, key_id, ip=client_ip(request))
-    platform.authenticator.forget_key(key.key_hash)
+    after_commit(session, lambda: platform.authenticator.forget_key(key.key_hash))
     return Response(status_code=204)

@@ -81,10 +81,11 @@ async def signup(
 ) -> tuple[User, Tenant, Tokens]:
     """Create a user and a new tenant whose first user is its admin."""
     email = normalize_email(email)
+    # Hash before touching the database so no pooled connection waits on Argon2.
+    password_hash = await hash_password(password)
     existing = await session.scalar(select(User.id).where(User.email == email))
     if existing is not None:
         raise Conflict("an account with this email exists", slug="email-taken")
-    password_hash = await hash_password(password)
     tenant = await create_tenant(session, name=tenant_name or email.split("@", 1)[0])
     user = User(
         id=new_id("usr"),
@@ -122,11 +123,22 @@ async def login(
     email: str,
     password: str,
     ip: str | None,
+    lookup: AsyncSession | None = None,
 ) -> Tokens:
-    """Exchange credentials for tokens. Every outcome is audited; failures keep their audit row."""
+    """Exchange credentials for tokens. Every outcome is audited; failures keep their audit row.
+
+    `lookup` is a short-lived session for reading the hash: the request's session must not hold
+    a pooled connection while the (deliberately slow) verification runs.
+    """
     email = normalize_email(email)
-    user = await session.scalar(select(User).where(User.email == email))
-    ok = await verify_password(user.password_hash if user else None, password)
+    reader = lookup or session
+    found = (
+        await reader.execute(select(User.id, User.password_hash).where(User.email == email))
+    ).first()
+    if lookup is not None:
+        await lookup.close()
+    ok = await verify_password(found.password_hash if found else None, password)
+    user = await session.get(User, found.id) if found else None
     if user is None or not ok or not user.is_active:
         audit.record(
             session,
@@ -192,8 +204,10 @@ async def refresh(
         .values(used_at=now)
     )
     if claimed.rowcount != 1:  # type: ignore[attr-defined]
-        await _revoke_family(session, row.family_id, now)
-        raise Unauthorized("refresh token already used", slug="refresh-token-reused", commit=True)
+        # A concurrent refresh of the same token won (a double click, a client retry): refuse
+        # this one without revoking, or the winner's fresh session would die with it. A replay
+        # after the fact still hits the `used_at` branch above and revokes the family.
+        raise Unauthorized("refresh token already used", slug="refresh-token-reused")
     user = await session.get(User, row.user_id)
     if user is None or not user.is_active:
         raise Unauthorized("invalid refresh token", slug="invalid-refresh-token")
@@ -298,20 +312,46 @@ async def update_user(
     role: str | None,
     is_active: bool | None,
     ip: str | None,
-) -> User:
-    """Change a user's role or active flag; a tenant always keeps one active admin."""
+) -> tuple[User, list[str]]:
+    """Change a user's role or active flag; returns the user and the hashes of API keys whose
+    access changed (for cache invalidation).
+
+    A tenant always keeps one active admin, even under concurrent demotions: the admin rows are
+    locked (PostgreSQL) and the final UPDATE re-checks the count in the same statement (SQLite
+    serializes writers, so that statement sees every committed demotion).
+    """
     user = await UserRepository(session, principal.tenant_id).get(user_id)
-    demoting = role is not None and role != "admin" and user.role == "admin"
-    deactivating = is_active is False and user.role == "admin" and user.is_active
-    if demoting or deactivating:
-        admins = await session.scalar(
+    new_role = role if role is not None else user.role
+    new_active = is_active if is_active is not None else user.is_active
+    losing_admin = (
+        user.role == "admin" and user.is_active and not (new_role == "admin" and new_active)
+    )
+    if losing_admin:
+        await session.execute(
+            select(User.id)
+            .where(User.tenant_id == principal.tenant_id, User.role == "admin", User.is_active)
+            .with_for_update()
+        )
+        others = (
             select(func.count())
             .select_from(User)
-            .where(User.tenant_id == principal.tenant_id, User.role == "admin", User.is_active)
+            .where(
+                User.tenant_id == principal.tenant_id,
+                User.role == "admin",
+                User.is_active,
+                User.id != user.id,
+            )
+            .scalar_subquery()
         )
-        if (admins or 0) <= 1:
+        changed = await session.execute(
+            update(User)
+            .where(User.id == user.id, others >= 1)
+            .values(role=new_role, is_active=new_active)
+            .execution_options(synchronize_session=False)
+        )
+        if changed.rowcount != 1:  # type: ignore[attr-defined]
             raise Conflict("a tenant needs at least one active admin", slug="last-admin")
-    if role is not None and role != user.role:
+    if new_role != user.role:
         audit.record(
             session,
             action="user.role_changed",
@@ -321,13 +361,12 @@ async def update_user(
             ip=ip,
             target_type="user",
             target_id=user.id,
-            details={"from": user.role, "to": role},
+            details={"from": user.role, "to": new_role},
         )
-        user.role = role
-    if is_active is not None and is_active != user.is_active:
+    if new_active != user.is_active:
         audit.record(
             session,
-            action="user.activated" if is_active else "user.deactivated",
+            action="user.activated" if new_active else "user.deactivated",
             tenant_id=principal.tenant_id,
             actor_type=principal.kind,
             actor_id=principal.id,
@@ -335,11 +374,51 @@ async def update_user(
             target_type="user",
             target_id=user.id,
         )
-        user.is_active = is_active
-        if not is_active:
-            await session.execute(
-                update(RefreshToken)
-                .where(RefreshToken.user_id == user.id, RefreshToken.revoked_at.is_(None))
-                .values(revoked_at=utcnow())
+    user.role, user.is_active = new_role, new_active
+    now = utcnow()
+    if not new_active:
+        await session.execute(
+            update(RefreshToken)
+            .where(RefreshToken.user_id == user.id, RefreshToken.revoked_at.is_(None))
+            .values(revoked_at=now)
+        )
+    return user, await _limit_keys_of(session, principal, user, now, ip)
+
+
+async def _limit_keys_of(
+    session: AsyncSession, principal: Principal, user: User, now: dt.datetime, ip: str | None
+) -> list[str]:
+    """Keys a user made never outlive or outrank them: revoke them when the user is
+    deactivated, lower them to the user's new role on a demotion."""
+    keys = (
+        await session.scalars(
+            select(ApiKey).where(
+                ApiKey.tenant_id == principal.tenant_id,
+                ApiKey.created_by == user.id,
+                ApiKey.revoked_at.is_(None),
             )
-    return user
+        )
+    ).all()
+    touched = []
+    for key in keys:
+        if not user.is_active:
+            key.revoked_at = now
+            action, details = "api_key.revoked", {"reason": "creator deactivated"}
+        elif ROLE_RANK[key.role] > ROLE_RANK[user.role]:
+            action, details = "api_key.role_lowered", {"from": key.role, "to": user.role}
+            key.role = user.role
+        else:
+            continue
+        touched.append(key.key_hash)
+        audit.record(
+            session,
+            action=action,
+            tenant_id=principal.tenant_id,
+            actor_type=principal.kind,
+            actor_id=principal.id,
+            ip=ip,
+            target_type="api_key",
+            target_id=key.id,
+            details=details,
+        )
+    return touched

@@ -129,12 +129,20 @@ def _load_or_create_hs_secret(data_dir: Path) -> bytes:
         return base64.b64decode(json.loads(path.read_text())["secret"])
     data_dir.mkdir(parents=True, exist_ok=True)
     secret = secrets.token_bytes(32)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:  # another process won the race: use its secret
-        return base64.b64decode(json.loads(path.read_text())["secret"])
+    # Write a private temp file completely, then link it into place: a process starting at
+    # the same moment either wins the link or reads a complete file, never a half-written one.
+    tmp = data_dir / f".jwt.key.{os.getpid()}.{secrets.token_hex(4)}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as fh:
         json.dump({"secret": base64.b64encode(secret).decode()}, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    try:
+        os.link(tmp, path)
+    except FileExistsError:  # another process won the race: use its secret
+        return base64.b64decode(json.loads(path.read_text())["secret"])
+    finally:
+        tmp.unlink()
     log.warning(
         "generated a JWT signing secret; set RELAYPORT_AUTH__JWT_SECRET in production",
         extra={"event": "auth.jwt_secret_generated", "path": str(path)},

@@ -1,0 +1,1 @@
+"""Inbound webhooks: provider signature verification, normalization into CloudEvents, ingestion."""
