@@ -33,6 +33,8 @@ from relayport.core.telemetry import (
     configure_tracing,
     shutdown_tracing,
 )
+from relayport.ingest.routes import body_limit_for as ingest_body_limit
+from relayport.ingest.routes import router as ingest_router
 from relayport.runtime import build_platform, close_platform
 from relayport.settings import Settings
 from relayport.worker import Worker
@@ -85,7 +87,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.draining = False
     errors.install(app)
-    for router in (health_router, auth_router, audit_router):
+    for router in (health_router, auth_router, audit_router, ingest_router):
         add_routes(app, router)
 
     def limiter() -> RateLimiter | None:
@@ -97,7 +99,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Added innermost first: the last one added sees the request first. Outermost first:
     # RequestId → Tracing → Metrics → SecurityHeaders → CORS → ClientIp → Concurrency →
     # IP rate limit → BodyLimit → routes; refusals thus still get ids, metrics and headers.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.http.body_limit_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=settings.http.body_limit_bytes,
+        limit_for=ingest_body_limit,  # sources may take bodies up to 10 MiB
+    )
     app.add_middleware(
         IpRateLimitMiddleware,
         limiter=limiter,

@@ -4,5 +4,17 @@ from relayport.core.audit import AuditEvent
 from relayport.core.auth.models import ApiKey, RefreshToken, User
 from relayport.core.outbox import OutboxMessage
 from relayport.core.tenants import Tenant
+from relayport.ingest.models import InboxEvent, Job, Rejection, Source
 
-__all__ = ["ApiKey", "AuditEvent", "OutboxMessage", "RefreshToken", "Tenant", "User"]
+__all__ = [
+    "ApiKey",
+    "AuditEvent",
+    "InboxEvent",
+    "Job",
+    "OutboxMessage",
+    "RefreshToken",
+    "Rejection",
+    "Source",
+    "Tenant",
+    "User",
+]

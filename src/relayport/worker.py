@@ -7,6 +7,7 @@ API process when the broker is in-process, since an in-process queue has no othe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 from relayport.core.broker import Message
 from relayport.core.outbox import OutboxRelay
 from relayport.core.platform import Platform
+from relayport.ingest import worker as ingest_worker
+from relayport.settings import Settings
 
 log = logging.getLogger("relayport.worker")
 
@@ -35,12 +38,41 @@ def register(queue: str, handler: JobHandler, *, prefetch: int = 16) -> None:
     CONSUMERS.append(Consumer(queue, handler, prefetch))
 
 
+PeriodicRun = Callable[[Platform], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Periodic:
+    """Work every worker runs on a timer (scheduling due retries, refreshing gauges); it must
+    be safe with several workers running it at once."""
+
+    name: str
+    run: PeriodicRun
+    interval_s: Callable[[Settings], float]
+
+
+PERIODIC: list[Periodic] = []
+
+
+def register_periodic(
+    name: str, run: PeriodicRun, *, interval_s: Callable[[Settings], float]
+) -> None:
+    PERIODIC.append(Periodic(name, run, interval_s))
+
+
+register(ingest_worker.QUEUE, ingest_worker.handle_job)
+register_periodic(
+    "ingest-scheduler", ingest_worker.tick, interval_s=lambda s: s.ingest.scheduler_interval_s
+)
+
+
 class Worker:
     def __init__(self, platform: Platform) -> None:
         self.platform = platform
         self.relay = OutboxRelay(platform.db, platform.broker, platform.settings.outbox)
         self._stop = asyncio.Event()
         self._relay_task: asyncio.Task[None] | None = None
+        self._periodic_tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         for consumer in CONSUMERS:
@@ -50,10 +82,27 @@ class Worker:
 
             await self.platform.broker.consume(consumer.queue, handle, prefetch=consumer.prefetch)
         self._relay_task = asyncio.create_task(self.relay.run(self._stop), name="outbox-relay")
+        self._periodic_tasks = [
+            asyncio.create_task(self._every(task), name=task.name) for task in PERIODIC
+        ]
         log.info(
             "worker started",
             extra={"event": "worker.started", "queues": [c.queue for c in CONSUMERS]},
         )
+
+    async def _every(self, task: Periodic) -> None:
+        interval = task.interval_s(self.platform.settings)
+        while not self._stop.is_set():
+            try:
+                await task.run(self.platform)
+            except Exception:
+                # The database is away or a bug: log, and try again next round.
+                log.exception(
+                    "periodic task failed",
+                    extra={"event": "worker.periodic_error", "task": task.name},
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), interval)
 
     async def stop(self, timeout_s: float) -> None:
         """Stop claiming new work and let in-flight work finish within `timeout_s`."""
@@ -63,4 +112,9 @@ class Worker:
                 await asyncio.wait_for(self._relay_task, timeout_s)
             except TimeoutError:
                 log.warning("outbox relay did not stop in time", extra={"event": "worker.stop"})
+        if self._periodic_tasks:
+            _, late = await asyncio.wait(self._periodic_tasks, timeout=timeout_s)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*self._periodic_tasks, return_exceptions=True)
         log.info("worker stopped", extra={"event": "worker.stopped"})

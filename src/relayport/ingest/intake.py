@@ -1,0 +1,434 @@
+"""The public ingest path: find the source, spend its limits, read the body within its size,
+verify the signature, then store inbox row + job + outbox row in the request's one transaction.
+
+Takes a session and never commits (the request's session dependency does, before the answer
+goes out, so a 202 means the event is durable). Every outcome is counted in
+`webhooks_received_total{source,result}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import logging
+import re
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from relayport.core.auth.principal import TTLCache
+from relayport.core.crypto import DecryptionError
+from relayport.core.db import utcnow
+from relayport.core.errors import (
+    Conflict,
+    NotFound,
+    PayloadTooLarge,
+    Problem,
+    RateLimited,
+    UnsupportedMediaType,
+)
+from relayport.core.ids import is_valid, new_id
+from relayport.core.outbox import enqueue
+from relayport.core.platform import Platform
+from relayport.core.ratelimit import Limit
+from relayport.ingest import events, repository, signatures
+from relayport.ingest.metrics import JOBS_CREATED, UNKNOWN_SOURCE, WEBHOOKS_RECEIVED
+from relayport.ingest.models import Job, Rejection
+from relayport.ingest.service import QUEUE, StoredSecret, needs_json, open_secrets
+
+log = logging.getLogger("relayport.ingest")
+
+REJECTIONS_KEPT = 100
+REJECTIONS_MAX_AGE = dt.timedelta(days=7)
+REJECTION_BODY_BYTES = 1024
+# HMAC of a large body takes milliseconds; past this size it runs off the event loop.
+THREAD_VERIFY_BYTES = 256 * 1024
+MAX_KEY_CHARS = 300
+_CACHE_KEY = "ingest.sources"
+
+# Headers kept with an event (and a rejection): what identifies and describes a delivery.
+_KEEP = frozenset({"content-type", "user-agent", "x-request-id", "traceparent"})
+_KEEP_PREFIXES = ("x-github-", "x-shopify-", "x-slack-", "webhook-", "svix-", "stripe-", "x-hub-")
+_SIGNATURE_HEADERS = frozenset(
+    {
+        "x-hub-signature",
+        "x-hub-signature-256",
+        "stripe-signature",
+        "webhook-signature",
+        "svix-signature",
+        "x-shopify-hmac-sha256",
+        "x-slack-signature",
+    }
+)
+MAX_KEPT_HEADERS = 32
+MAX_HEADER_VALUE = 512
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+@dataclass(frozen=True, slots=True)
+class SourceConfig:
+    """What the hot path needs of a source, cached per process for a few seconds."""
+
+    id: str
+    tenant_id: str
+    plan: str
+    scheme: str
+    secrets: tuple[StoredSecret, ...]
+    tolerance_s: int
+    body_limit_bytes: int
+    hmac: signatures.HmacConfig | None
+    type_pointer: str | None
+    max_attempts: int
+    enabled: bool
+
+    def active_secrets(self, now: dt.datetime) -> list[str]:
+        return [s.value for s in self.secrets if s.active(now)]
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    config: SourceConfig | None  # None: no such source (cached too, against floods of bad ids)
+
+
+class SourceCache:
+    """Sources by id for `ttl_s`; concurrent misses for one id share a single database read."""
+
+    def __init__(self, ttl_s: float, max_items: int = 10_000) -> None:
+        self._cache: TTLCache[str, _Entry] = TTLCache(ttl_s, max_items)
+        self._loading: dict[str, asyncio.Future[SourceConfig | None]] = {}
+
+    def forget(self, source_id: str) -> None:
+        self._cache.discard(source_id)
+
+    async def get(self, platform: Platform, source_id: str) -> SourceConfig | None:
+        hit = self._cache.get(source_id)
+        if hit is not None:
+            return hit.config
+        pending = self._loading.get(source_id)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[SourceConfig | None] = asyncio.get_running_loop().create_future()
+        self._loading[source_id] = future
+        try:
+            config = await _load(platform, source_id)
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: no "never retrieved" warning when nobody waited
+            raise
+        finally:
+            self._loading.pop(source_id, None)
+        self._cache.put(source_id, _Entry(config))
+        future.set_result(config)
+        return config
+
+
+def source_cache(platform: Platform) -> SourceCache:
+    cache = platform.extras.get(_CACHE_KEY)
+    if cache is None:
+        cache = platform.extras[_CACHE_KEY] = SourceCache(
+            platform.settings.ingest.source_cache_ttl_s
+        )
+    assert isinstance(cache, SourceCache)
+    return cache
+
+
+async def _load(platform: Platform, source_id: str) -> SourceConfig | None:
+    # Its own short session: the request's transaction must start with its INSERT (on SQLite
+    # a transaction that read first may not be allowed to write later).
+    async with platform.db.sessions() as session:
+        found = await repository.source_with_plan(session, source_id)
+    if found is None:
+        return None
+    source, plan = found
+    try:
+        stored = tuple(open_secrets(platform.keyring, source))
+    except (DecryptionError, ValueError, KeyError):
+        # Every delivery will be refused as "bad-secret" until someone rotates the secret.
+        log.error(
+            "source secrets cannot be opened",
+            extra={"event": "ingest.secrets_unreadable", "source_id": source.id},
+        )
+        stored = ()
+    hmac_config = None
+    if source.scheme == "hmac" and source.hmac_header:
+        hmac_config = signatures.HmacConfig(
+            header=source.hmac_header,
+            algorithm=source.hmac_algorithm or "sha256",
+            encoding=source.hmac_encoding or "hex",
+            prefix=source.hmac_prefix or "",
+            timestamp_header=source.hmac_timestamp_header,
+        )
+    return SourceConfig(
+        id=source.id,
+        tenant_id=source.tenant_id,
+        plan=plan,
+        scheme=source.scheme,
+        secrets=stored,
+        tolerance_s=source.tolerance_s,
+        body_limit_bytes=source.body_limit_bytes,
+        hmac=hmac_config,
+        type_pointer=source.type_pointer,
+        max_attempts=source.max_attempts,
+        enabled=source.enabled,
+    )
+
+
+def rejections_cutoff() -> dt.datetime:
+    """Rejections older than this are expired (pruned on the next insert, hidden until then)."""
+    return utcnow() - REJECTIONS_MAX_AGE
+
+
+def _count(source_id: str, result: str) -> None:
+    WEBHOOKS_RECEIVED.labels(source_id, result).inc()
+
+
+async def find_source(platform: Platform, source_id: str) -> SourceConfig:
+    """The enabled source named in the URL, or 404 (403 when disabled)."""
+    config = None
+    if is_valid(source_id, "src"):
+        config = await source_cache(platform).get(platform, source_id)
+    if config is None:
+        _count(UNKNOWN_SOURCE, "not_found")
+        raise NotFound("no such source")
+    if not config.enabled:
+        _count(config.id, "disabled")
+        raise Problem(
+            "this source is disabled", status=403, slug="source-disabled", title="Source disabled"
+        )
+    return config
+
+
+async def admit(platform: Platform, source: SourceConfig) -> dict[str, str]:
+    """Spend the source's bucket, the tenant's ingest bucket and its daily quota, all or none;
+    returns the RateLimit headers of the tightest."""
+    settings = platform.settings
+    if not settings.ratelimit.enabled:
+        return {}
+    plans = settings.ratelimit.plans
+    plan = plans.get(source.plan) or plans["free"]
+    decisions = await platform.limiter.check(
+        [
+            Limit.bucket(
+                f"is:{source.id}",
+                rate=settings.ingest.source_requests_per_second,
+                burst=settings.ingest.source_burst,
+            ),
+            # Its own tenant bucket, so a webhook flood cannot lock the tenant out of the API;
+            # the daily quota is the tenant's one quota.
+            Limit.bucket(f"it:{source.tenant_id}", rate=plan.requests_per_second, burst=plan.burst),
+            Limit.daily_quota(f"q:{source.tenant_id}", limit=plan.daily_quota),
+        ]
+    )
+    for index, decision in enumerate(decisions):
+        if not decision.allowed:
+            _count(source.id, "rate_limited")
+            quota = index == 2
+            raise RateLimited(
+                "daily quota exhausted" if quota else "slow down",
+                slug="quota-exceeded" if quota else "rate-limited",
+                headers=decision.headers(),
+            )
+    return min(decisions, key=lambda d: d.remaining).headers()
+
+
+def _too_large(source: SourceConfig) -> PayloadTooLarge:
+    _count(source.id, "too_large")
+    # The rest of the body is still on the wire: close rather than read it.
+    return PayloadTooLarge(
+        f"the request body exceeds this source's {source.body_limit_bytes} bytes",
+        headers={"Connection": "close"},
+    )
+
+
+async def read_body(
+    source: SourceConfig, chunks: AsyncIterator[bytes], declared_length: int | None
+) -> bytes:
+    """The body, refused as soon as it passes the source's limit (the declared length first)."""
+    limit = source.body_limit_bytes
+    if declared_length is not None and declared_length > limit:
+        raise _too_large(source)
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in chunks:
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(source)
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def kept_headers(
+    headers: Mapping[str, str], source: SourceConfig, *, with_signatures: bool = False
+) -> dict[str, str]:
+    own = {source.hmac.timestamp_header} if source.hmac and source.hmac.timestamp_header else set()
+    signature_names = _SIGNATURE_HEADERS | ({source.hmac.header} if source.hmac else set())
+    out: dict[str, str] = {}
+    for name, value in headers.items():
+        if len(out) >= MAX_KEPT_HEADERS:
+            break
+        if name in signature_names:
+            if not with_signatures:
+                continue
+        elif name not in _KEEP and name not in own and not name.startswith(_KEEP_PREFIXES):
+            continue
+        out[name] = _CONTROL.sub("", value)[:MAX_HEADER_VALUE]
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    status: Literal["accepted", "duplicate"]
+    event_id: str
+
+
+async def accept(
+    platform: Platform,
+    session: AsyncSession,
+    source: SourceConfig,
+    headers: Mapping[str, str],
+    body: bytes,
+) -> Outcome:
+    """Verify, normalize and store one delivery. `headers` have lower-case names."""
+    now = utcnow()
+    verified = await _verify(session, source, headers, body, now)
+    try:
+        payload: Any = events.parse_json(body)
+    except ValueError:
+        if needs_json(source.scheme, source.type_pointer):
+            _count(source.id, "unsupported_media_type")
+            raise UnsupportedMediaType(
+                f"a {source.scheme} source takes a JSON body", slug="unsupported-media-type"
+            ) from None
+        payload = None
+    key = events.dedup_key(source.scheme, verified, headers, body, payload)
+    if len(key) > MAX_KEY_CHARS:
+        key = events.body_hash(key.encode())
+    event_id = new_id("evt")
+    inserted = await repository.insert_event(
+        session,
+        {
+            "id": event_id,
+            "tenant_id": source.tenant_id,
+            "source_id": source.id,
+            "dedup_key": key,
+            "type": events.event_type(
+                source.scheme, headers, payload, type_pointer=source.type_pointer
+            ),
+            "subject": _subject(source.scheme, headers, payload),
+            "body": body,
+            "size": len(body),
+            "sha256": hashlib.sha256(body).hexdigest(),
+            "headers": kept_headers(headers, source),
+            "received_at": now,
+            "duplicate_count": 0,
+        },
+    )
+    if inserted:
+        job_id = new_id("job")
+        session.add(
+            Job(
+                id=job_id,
+                tenant_id=source.tenant_id,
+                source_id=source.id,
+                event_id=event_id,
+                status="queued",
+                attempts=0,
+                max_attempts=source.max_attempts,
+                next_attempt_at=now,
+                created_at=now,
+                updated_at=now,
+            )
+        )
+        enqueue(
+            session,
+            topic=QUEUE,
+            payload=job_id.encode(),
+            message_id=job_id,
+            tenant_id=source.tenant_id,
+        )
+        JOBS_CREATED.inc()
+        _count(source.id, "accepted")
+        return Outcome("accepted", event_id)
+    original = await repository.count_duplicate(session, source.id, key)
+    if original is None:  # deleted between our INSERT and UPDATE: only a source deletion does
+        raise Conflict("the source changed while this delivery was stored; send it again")
+    _count(source.id, "duplicate")
+    return Outcome("duplicate", original)
+
+
+async def _verify(
+    session: AsyncSession,
+    source: SourceConfig,
+    headers: Mapping[str, str],
+    body: bytes,
+    now: dt.datetime,
+) -> signatures.Verified:
+    secrets = source.active_secrets(now)
+    args = (source.scheme, headers, body, secrets)
+    kwargs: dict[str, Any] = {
+        "now": now.timestamp(),
+        "tolerance_s": source.tolerance_s,
+        "hmac_config": source.hmac,
+    }
+    try:
+        if len(body) > THREAD_VERIFY_BYTES:
+            return await asyncio.to_thread(signatures.verify, *args, **kwargs)
+        return signatures.verify(*args, **kwargs)
+    except signatures.SignatureError as exc:
+        reason = exc.reason
+    _count(source.id, "invalid_signature")
+    session.add(
+        Rejection(
+            id=new_id("rej"),
+            tenant_id=source.tenant_id,
+            source_id=source.id,
+            reason=reason,
+            received_at=now,
+            headers=kept_headers(headers, source, with_signatures=True),
+            body_prefix=body[:REJECTION_BODY_BYTES],
+            body_size=len(body),
+        )
+    )
+    await session.flush()
+    await repository.prune_rejections(
+        session, source.id, keep=REJECTIONS_KEPT, older_than=now - REJECTIONS_MAX_AGE
+    )
+    log.info(
+        "webhook rejected",
+        extra={"event": "ingest.rejected", "source_id": source.id, "reason": reason},
+    )
+    # commit=True: the rejection row is the point of this transaction.
+    raise Problem(
+        f"signature verification failed: {reason}",
+        status=401,
+        slug="invalid-signature",
+        title="Invalid signature",
+        commit=True,
+        reason=reason,
+    )
+
+
+def _text(value: Any) -> str | None:
+    if not isinstance(value, str) or not value or _CONTROL.search(value):
+        return None
+    return value[:200]
+
+
+def _subject(scheme: str, headers: Mapping[str, str], payload: Any) -> str | None:
+    """The CloudEvents `subject`: what the event is about, where the provider says so."""
+    body = payload if isinstance(payload, dict) else {}
+    if scheme == "github":
+        repo = body.get("repository")
+        return _text(repo.get("full_name")) if isinstance(repo, dict) else None
+    if scheme == "stripe":
+        data = body.get("data")
+        obj = data.get("object") if isinstance(data, dict) else None
+        return _text(obj.get("id")) if isinstance(obj, dict) else None
+    if scheme == "shopify":
+        return _text(headers.get("x-shopify-shop-domain"))
+    if scheme == "slack":
+        return _text(body.get("team_id"))
+    return None

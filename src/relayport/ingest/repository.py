@@ -1,0 +1,293 @@
+"""Every query of inbound webhooks: tenant-scoped reads through `TenantRepository`, plus the
+few statements of the hot paths (the public ingest endpoint and the worker), which act on rows
+whose tenant is already known from a source or a job id."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import Select, and_, delete, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import defer
+
+from relayport.core.repository import TenantRepository
+from relayport.core.tenants import Tenant
+from relayport.ingest.models import InboxEvent, Job, Rejection, Source
+
+RERUNNABLE = ("succeeded", "dead")
+
+
+class SourceRepository(TenantRepository[Source]):
+    model = Source
+    not_found_detail = "no such source"
+
+
+class EventRepository(TenantRepository[InboxEvent]):
+    model = InboxEvent
+    not_found_detail = "no such event"
+
+    def listing(self) -> Select[InboxEvent]:
+        """The base query for lists: bodies (up to 10 MiB each) stay in the database."""
+        return self.query().options(defer(InboxEvent.body, raiseload=True))
+
+
+class JobRepository(TenantRepository[Job]):
+    model = Job
+    not_found_detail = "no such job"
+
+
+class RejectionRepository(TenantRepository[Rejection]):
+    model = Rejection
+    not_found_detail = "no such rejection"
+
+
+# --- the ingest endpoint ----------------------------------------------------------------------
+
+
+async def source_with_plan(session: AsyncSession, source_id: str) -> tuple[Source, str] | None:
+    """A source and its tenant's plan, by id alone: the public endpoint's id names the tenant."""
+    row = (
+        await session.execute(
+            select(Source, Tenant.plan)
+            .join(Tenant, Tenant.id == Source.tenant_id)
+            .where(Source.id == source_id)
+        )
+    ).first()
+    return None if row is None else (row[0], row[1])
+
+
+async def insert_event(session: AsyncSession, values: dict[str, Any]) -> bool:
+    """INSERT … ON CONFLICT (source_id, dedup_key) DO NOTHING; True when this call inserted.
+
+    Concurrent deliveries of one event race here, and the unique index decides: exactly one
+    inserts, the others wait for it to commit and then insert nothing.
+    """
+    insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    stmt = (
+        insert(InboxEvent)
+        .values(**values)
+        .on_conflict_do_nothing(index_elements=["source_id", "dedup_key"])
+        .returning(InboxEvent.id)
+    )
+    return (await session.execute(stmt)).scalar_one_or_none() is not None
+
+
+async def count_duplicate(session: AsyncSession, source_id: str, dedup_key: str) -> str | None:
+    """Add one to the original's duplicate_count in the database (atomic); its id, if it exists."""
+    result = await session.execute(
+        update(InboxEvent)
+        .where(InboxEvent.source_id == source_id, InboxEvent.dedup_key == dedup_key)
+        .values(duplicate_count=InboxEvent.duplicate_count + 1)
+        .returning(InboxEvent.id)
+        .execution_options(synchronize_session=False)
+    )
+    return result.scalar_one_or_none()
+
+
+async def prune_rejections(
+    session: AsyncSession, source_id: str, *, keep: int, older_than: dt.datetime
+) -> None:
+    """Keep the newest `keep` rejections of a source and none older than `older_than`."""
+    newest_kept = (
+        select(Rejection.id)
+        .where(Rejection.source_id == source_id)
+        .order_by(Rejection.id.desc())
+        .offset(keep - 1)
+        .limit(1)
+        .scalar_subquery()
+    )
+    # With fewer than `keep` rows the subquery is NULL and `id < NULL` deletes nothing.
+    await session.execute(
+        delete(Rejection)
+        .where(
+            Rejection.source_id == source_id,
+            or_(Rejection.received_at < older_than, Rejection.id < newest_kept),
+        )
+        .execution_options(synchronize_session=False)
+    )
+
+
+async def delete_source_rows(session: AsyncSession, source_id: str) -> None:
+    """Remove a source with its jobs, events and rejections (children first, for the FKs)."""
+    for model in (Job, InboxEvent, Rejection):
+        await session.execute(
+            delete(model)
+            .where(model.source_id == source_id)
+            .execution_options(synchronize_session=False)
+        )
+    await session.execute(
+        delete(Source).where(Source.id == source_id).execution_options(synchronize_session=False)
+    )
+
+
+# --- jobs -------------------------------------------------------------------------------------
+
+
+async def claim_job(
+    session: AsyncSession, job_id: str, *, now: dt.datetime, lease_until: dt.datetime
+) -> tuple[str, int, int] | None:
+    """Take a due job for one attempt: (event_id, attempt number, max attempts), or None when
+    it is not ours to run.
+
+    One guarded UPDATE, so two workers handed the same message cannot both win: the loser's
+    WHERE no longer matches once the winner's change is visible (PostgreSQL re-checks it after
+    waiting on the row lock; SQLite has one writer at a time). While running, `next_attempt_at`
+    is the lease's end, so the scheduler finds expired leases through the same index.
+    """
+    result = await session.execute(
+        update(Job)
+        .where(
+            Job.id == job_id,
+            Job.status.in_(("queued", "retrying")),
+            Job.next_attempt_at <= now,
+            or_(Job.locked_until.is_(None), Job.locked_until < now),
+            Job.attempts < Job.max_attempts,
+        )
+        .values(
+            status="running",
+            attempts=Job.attempts + 1,
+            locked_until=lease_until,
+            next_attempt_at=lease_until,
+            updated_at=now,
+        )
+        .returning(Job.event_id, Job.attempts, Job.max_attempts)
+        .execution_options(synchronize_session=False)
+    )
+    row = result.first()
+    return None if row is None else (row[0], row[1], row[2])
+
+
+async def finish_job(
+    session: AsyncSession, job_id: str, *, attempt: int, values: dict[str, Any]
+) -> bool:
+    """Record an attempt's outcome unless the job moved on without us (lease lost)."""
+    result = await session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == "running", Job.attempts == attempt)
+        .values(**values)
+        .returning(Job.id)
+        .execution_options(synchronize_session=False)
+    )
+    return result.first() is not None
+
+
+async def event_and_source(
+    session: AsyncSession, event_id: str
+) -> tuple[InboxEvent, Source] | None:
+    row = (
+        await session.execute(
+            select(InboxEvent, Source)
+            .join(Source, Source.id == InboxEvent.source_id)
+            .where(InboxEvent.id == event_id)
+        )
+    ).first()
+    return None if row is None else (row[0], row[1])
+
+
+def _lease_expired(now: dt.datetime) -> Any:
+    return and_(Job.status == "running", Job.locked_until < now)
+
+
+def _dispatchable(now: dt.datetime, stuck_before: dt.datetime) -> Any:
+    # `next_attempt_at` is the retry's time, the lease's end, or when the job was queued: one
+    # index on (status, next_attempt_at) serves all three scans.
+    return or_(
+        and_(Job.status == "retrying", Job.next_attempt_at <= now),
+        and_(Job.status == "running", Job.next_attempt_at < now),
+        and_(Job.status == "queued", Job.next_attempt_at < stuck_before),
+    )
+
+
+async def dispatchable(
+    session: AsyncSession, *, now: dt.datetime, stuck_before: dt.datetime, limit: int
+) -> list[str]:
+    """Ids of jobs the broker should carry again: due retries, expired leases, and queued jobs
+    whose message has not been taken for a long while (lost with an in-process broker)."""
+    stmt = (
+        select(Job.id)
+        .where(_dispatchable(now, stuck_before))
+        .order_by(Job.next_attempt_at)
+        .limit(limit)
+    )
+    if session.get_bind().dialect.name == "postgresql":
+        stmt = stmt.with_for_update(skip_locked=True)  # several workers' schedulers share
+    return list((await session.execute(stmt)).scalars())
+
+
+async def bury_exhausted(session: AsyncSession, ids: Sequence[str], *, now: dt.datetime) -> int:
+    """Dead-letter jobs whose lease expired on their last attempt; how many."""
+    result = await session.execute(
+        update(Job)
+        .where(Job.id.in_(ids), _lease_expired(now), Job.attempts >= Job.max_attempts)
+        .values(
+            status="dead",
+            locked_until=None,
+            finished_at=now,
+            updated_at=now,
+            last_error="the worker running the last attempt stopped (lease expired)",
+        )
+        .returning(Job.id)
+        .execution_options(synchronize_session=False)
+    )
+    return len(result.all())
+
+
+async def requeue(
+    session: AsyncSession, ids: Sequence[str], *, now: dt.datetime, stuck_before: dt.datetime
+) -> list[tuple[str, str]]:
+    """Move dispatchable jobs back to queued; (id, tenant_id) of those this call moved."""
+    result = await session.execute(
+        update(Job)
+        .where(
+            Job.id.in_(ids),
+            _dispatchable(now, stuck_before),
+            or_(Job.status != "running", Job.attempts < Job.max_attempts),
+        )
+        .values(status="queued", locked_until=None, next_attempt_at=now, updated_at=now)
+        .returning(Job.id, Job.tenant_id)
+        .execution_options(synchronize_session=False)
+    )
+    return [(row[0], row[1]) for row in result.all()]
+
+
+async def rerun_jobs(
+    session: AsyncSession,
+    *,
+    tenant_id: str,
+    now: dt.datetime,
+    max_attempts: int,
+    job_id: str | None = None,
+    source_id: str | None = None,
+    since: dt.datetime | None = None,
+) -> list[str]:
+    """Send finished jobs (succeeded or dead) round again with a fresh attempt budget."""
+    stmt = update(Job).where(Job.tenant_id == tenant_id, Job.status.in_(RERUNNABLE))
+    if job_id is not None:
+        stmt = stmt.where(Job.id == job_id)
+    if source_id is not None:
+        stmt = stmt.where(Job.source_id == source_id)
+    if since is not None:
+        events = select(InboxEvent.id).where(
+            InboxEvent.tenant_id == tenant_id, InboxEvent.received_at >= since
+        )
+        if source_id is not None:
+            events = events.where(InboxEvent.source_id == source_id)
+        stmt = stmt.where(Job.event_id.in_(events))
+    result = await session.execute(
+        stmt.values(
+            status="queued",
+            attempts=0,
+            max_attempts=max_attempts,
+            next_attempt_at=now,
+            locked_until=None,
+            last_error=None,
+            finished_at=None,
+            updated_at=now,
+        )
+        .returning(Job.id)
+        .execution_options(synchronize_session=False)
+    )
+    return list(result.scalars())
