@@ -7,6 +7,7 @@ every 20 ms) so tests can wait for outcomes with short deadlines.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -22,12 +23,26 @@ from tests.conftest import Account
 
 
 @pytest.fixture
-def settings_kwargs(settings_kwargs: dict[str, Any]) -> dict[str, Any]:
-    return {
+def settings_overrides() -> dict[str, Any]:
+    """Per-test settings: `@pytest.mark.parametrize("settings_overrides", [{...}])`."""
+    return {}
+
+
+@pytest.fixture
+def settings_kwargs(
+    settings_kwargs: dict[str, Any], settings_overrides: dict[str, Any]
+) -> dict[str, Any]:
+    merged: dict[str, Any] = {
         **settings_kwargs,
         "ingest": {"scheduler_interval_s": 0.05, "retry_base_s": 0.02, "retry_cap_s": 0.2},
         "outbox": {"poll_interval_ms": 20},
     }
+    for key, value in settings_overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
 
 
 @pytest.fixture
@@ -111,11 +126,19 @@ async def deliver(
 
 
 async def eventually(
-    check: Callable[[], Awaitable[bool]], *, timeout: float = 15.0, what: str = "condition"
+    check: Callable[[], bool | Awaitable[bool]],
+    *,
+    timeout: float = 15.0,
+    what: str = "condition",
 ) -> None:
-    """Poll an async predicate until it holds; fail after `timeout` seconds."""
+    """Poll a predicate (sync or async) until it holds; fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout
-    while not await check():
+
+    async def holds() -> bool:
+        result = check()
+        return bool(await result) if inspect.isawaitable(result) else bool(result)
+
+    while not await holds():
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(0.02)

@@ -333,11 +333,11 @@ async def test_a_thousand_concurrent_deliveries_of_one_event_make_one_job(
     assert event.json()["duplicate_count"] == 999
 
 
-async def test_source_and_tenant_limits_refuse_with_429(
-    client: httpx.AsyncClient, account: Account, platform: Platform
-) -> None:
-    platform.settings.ingest.source_burst = 3
-    platform.settings.ingest.source_requests_per_second = 0.001
+@pytest.mark.parametrize(
+    "settings_overrides",
+    [{"ingest": {"source_burst": 3, "source_requests_per_second": 0.001}}],
+)
+async def test_source_limits_refuse_with_429(client: httpx.AsyncClient, account: Account) -> None:
     source = await create_source(client, account)
     statuses = [(await deliver(client, source, b'{"n": %d}' % n)).status_code for n in range(5)]
     assert statuses == [202, 202, 202, 429, 429]
