@@ -26,7 +26,14 @@ async def build_platform(settings: Settings, *, migrate_schema: bool | None = No
     db = Database(settings.database_url, pool_size=settings.db_pool_size)
     if settings.should_auto_migrate if migrate_schema is None else migrate_schema:
         await migrate.upgrade(db)
-    redis_client = redis.asyncio.Redis.from_url(settings.redis_url) if settings.redis_url else None
+    redis_client = None
+    if settings.redis_url:
+        # A blocking pool makes a burst wait briefly for a connection instead of failing with
+        # MaxConnectionsError (the default pool raises past its size).
+        pool = redis.asyncio.BlockingConnectionPool.from_url(
+            settings.redis_url, max_connections=settings.redis_max_connections, timeout=5
+        )
+        redis_client = redis.asyncio.Redis(connection_pool=pool)
     broker = create_broker(settings)
     pubsub = create_pubsub(settings, prefix=f"{settings.redis_key_prefix}ps:")
     platform = Platform(

@@ -169,6 +169,7 @@ class Settings(BaseSettings):
     data_dir: Path = Path(".relayport")
     database_url: str = ""
     redis_url: str | None = None
+    redis_max_connections: int = Field(default=64, gt=0, le=10_000)
     redis_key_prefix: str = Field(
         default="relayport:", min_length=1, description="Namespace for every Redis key and channel."
     )

@@ -59,7 +59,8 @@ async def run_job(platform: Platform, job_id: str) -> Outcome | None:
     event, source = found
     error = await _run_handler(platform, source.handler, cloudevent(event), settings.lease_s)
     done = utcnow()
-    values: dict[str, Any] = {"locked_until": None, "updated_at": done}
+    # A finished job's next_attempt_at says when it finished, not a lease end in the future.
+    values: dict[str, Any] = {"locked_until": None, "updated_at": done, "next_attempt_at": done}
     outcome: Outcome
     if error is None:
         outcome = "succeeded"

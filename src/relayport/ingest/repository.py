@@ -225,6 +225,7 @@ async def bury_exhausted(session: AsyncSession, ids: Sequence[str], *, now: dt.d
         .values(
             status="dead",
             locked_until=None,
+            next_attempt_at=now,
             finished_at=now,
             updated_at=now,
             last_error="the worker running the last attempt stopped (lease expired)",

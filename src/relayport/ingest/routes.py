@@ -32,6 +32,8 @@ from relayport.ingest.schemas import (
     SourceRotated,
     SourceUpdate,
 )
+from relayport.ingest.secrets import secret_info
+from relayport.ingest.sources_cache import source_cache
 
 router = APIRouter(prefix="/v1")
 
@@ -129,7 +131,7 @@ def _source_fields(source: Source) -> dict[str, Any]:
 
 
 def _source(source: Source) -> SourceOut:
-    return SourceOut(**_source_fields(source), secrets=service.secret_info(source))
+    return SourceOut(**_source_fields(source), secrets=secret_info(source))
 
 
 @router.post("/sources", status_code=201, response_model=SourceCreated, tags=["sources"])
@@ -197,7 +199,7 @@ async def update_source(
     source = await service.update_source(
         session, principal, source_id, changes, ip=client_ip(request)
     )
-    intake.source_cache(platform).forget(source.id)
+    source_cache(platform).forget(source.id)
     return _source(source)
 
 
@@ -211,7 +213,7 @@ async def delete_source(
 ) -> Response:
     """Delete a source with its events, jobs and rejections. Role: operator."""
     await service.delete_source(session, principal, source_id, ip=client_ip(request))
-    intake.source_cache(platform).forget(source_id)
+    source_cache(platform).forget(source_id)
     return Response(status_code=204)
 
 
@@ -235,10 +237,8 @@ async def rotate_secret(
         grace_period_s=body.grace_period_s,
         ip=client_ip(request),
     )
-    intake.source_cache(platform).forget(source.id)
-    return SourceRotated(
-        **_source_fields(source), secrets=service.secret_info(source), secret=secret
-    )
+    source_cache(platform).forget(source.id)
+    return SourceRotated(**_source_fields(source), secrets=secret_info(source), secret=secret)
 
 
 @router.get(

@@ -9,10 +9,8 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
-import orjson
 from sqlalchemy import Select
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -26,6 +24,7 @@ from relayport.core.outbox import enqueue
 from relayport.ingest import events, handlers, repository, signatures
 from relayport.ingest.models import InboxEvent, Job, Source
 from relayport.ingest.schemas import MAX_SECRETS, HmacConfigIn
+from relayport.ingest.secrets import StoredSecret, check_secrets, iso, open_secrets, seal
 
 log = logging.getLogger("relayport.ingest")
 
@@ -33,86 +32,9 @@ QUEUE = "ingest.jobs"
 _SCHEMES_NEEDING_JSON = frozenset({"github", "stripe", "standard", "shopify"})
 
 
-@dataclass(frozen=True, slots=True)
-class StoredSecret:
-    value: str
-    created_at: dt.datetime
-    expires_at: dt.datetime | None
-
-    def active(self, now: dt.datetime) -> bool:
-        return self.expires_at is None or self.expires_at > now
-
-
 def needs_json(scheme: str, type_pointer: str | None) -> bool:
     """Schemes whose type or dedup key lives in a JSON body (Slack also posts forms)."""
     return scheme in _SCHEMES_NEEDING_JSON or (scheme == "hmac" and type_pointer is not None)
-
-
-# --- secrets at rest --------------------------------------------------------------------------
-
-
-def _aad(tenant_id: str, source_id: str) -> bytes:
-    return f"{tenant_id}:{source_id}:secrets".encode()
-
-
-def _iso(value: dt.datetime | None) -> str | None:
-    return None if value is None else value.isoformat()
-
-
-def _seal(keyring: KeyRing, source: Source, secrets: Sequence[StoredSecret]) -> None:
-    """Store the secrets as one sealed token, and their dates (never values) in clear."""
-    dates = [{"created_at": _iso(s.created_at), "expires_at": _iso(s.expires_at)} for s in secrets]
-    plain = [{"value": s.value, **d} for s, d in zip(secrets, dates, strict=True)]
-    source.secrets_token = keyring.encrypt(orjson.dumps(plain), _aad(source.tenant_id, source.id))
-    source.secrets_meta = dates
-
-
-def open_secrets(keyring: KeyRing, source: Source) -> list[StoredSecret]:
-    """The source's secrets, newest first; raises DecryptionError for a token that won't open."""
-    raw = orjson.loads(keyring.decrypt(source.secrets_token, _aad(source.tenant_id, source.id)))
-    return [
-        StoredSecret(
-            value=item["value"],
-            created_at=dt.datetime.fromisoformat(item["created_at"]),
-            expires_at=dt.datetime.fromisoformat(item["expires_at"])
-            if item.get("expires_at")
-            else None,
-        )
-        for item in raw
-    ]
-
-
-def secret_info(source: Source, now: dt.datetime | None = None) -> list[dict[str, Any]]:
-    """The active secrets' dates for responses (expired ones are gone for good)."""
-    now = now or utcnow()
-    out = []
-    for item in source.secrets_meta:
-        expires = dt.datetime.fromisoformat(item["expires_at"]) if item["expires_at"] else None
-        if expires is None or expires > now:
-            out.append(
-                {"created_at": dt.datetime.fromisoformat(item["created_at"]), "expires_at": expires}
-            )
-    return out
-
-
-def _check_secrets(scheme: str, values: Sequence[str]) -> list[str]:
-    unique = list(dict.fromkeys(values))
-    for index, value in enumerate(unique):
-        try:
-            signatures.validate_secret(scheme, value)
-        except signatures.SignatureError:
-            raise ValidationFailed(
-                "a secret is not usable with this scheme",
-                errors=[
-                    {
-                        "pointer": f"/secrets/{index}",
-                        "location": "body",
-                        "message": f"not a valid {scheme} secret",
-                        "code": "bad_secret",
-                    }
-                ],
-            ) from None
-    return unique
 
 
 def _invalid(pointer: str, message: str, code: str) -> ValidationFailed:
@@ -175,7 +97,7 @@ async def create_source(
     ip: str | None,
 ) -> tuple[Source, list[StoredSecret]]:
     """Create a source; returns it with its secrets (generated when none are given)."""
-    values = _check_secrets(scheme, secrets or [signatures.generate_secret(scheme)])
+    values = check_secrets(scheme, secrets or [signatures.generate_secret(scheme)])
     _check_handler(handler)
     _check_pointer(type_pointer)
     now = utcnow()
@@ -195,7 +117,7 @@ async def create_source(
     )
     _apply_hmac(source, hmac)
     stored = [StoredSecret(v, now, None) for v in values]
-    _seal(keyring, source, stored)
+    seal(keyring, source, stored)
     repository.SourceRepository(session, principal.tenant_id).add(source)
     _audit(session, principal, "source.created", source.id, ip, {"scheme": scheme, "name": name})
     return source, stored
@@ -240,7 +162,7 @@ async def rotate_secret(
 ) -> tuple[Source, str]:
     """Add a secret; the current ones keep verifying for `grace_period_s`, then expire."""
     source = await repository.SourceRepository(session, principal.tenant_id).get(source_id)
-    value = _check_secrets(source.scheme, [secret or signatures.generate_secret(source.scheme)])[0]
+    value = check_secrets(source.scheme, [secret or signatures.generate_secret(source.scheme)])[0]
     now = utcnow()
     grace_end = now + dt.timedelta(seconds=grace_period_s)
     try:
@@ -265,7 +187,7 @@ async def rotate_secret(
             "rotate with grace_period_s=0",
             slug="too-many-secrets",
         )
-    _seal(keyring, source, stored)
+    seal(keyring, source, stored)
     source.updated_at = now
     _audit(session, principal, "source.secret_rotated", source.id, ip, {"grace_s": grace_period_s})
     return source, value
@@ -408,7 +330,7 @@ async def replay_source(
         "source.replayed",
         source.id,
         ip,
-        {"since": _iso(since), "jobs": len(moved)},
+        {"since": iso(since), "jobs": len(moved)},
     )
     return len(moved)
 
