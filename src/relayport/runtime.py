@@ -31,7 +31,7 @@ async def build_platform(settings: Settings, *, migrate_schema: bool | None = No
         # A blocking pool makes a burst wait briefly for a connection instead of failing with
         # MaxConnectionsError (the default pool raises past its size).
         pool = redis.asyncio.BlockingConnectionPool.from_url(
-            settings.redis_url, max_connections=settings.redis_max_connections, timeout=5
+            settings.redis_url, max_connections=settings.redis_max_connections, timeout=20
         )
         redis_client = redis.asyncio.Redis(connection_pool=pool)
     broker = create_broker(settings)

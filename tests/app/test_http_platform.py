@@ -15,6 +15,8 @@ import pytest
 from asgi_lifespan import LifespanManager
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+from redis.exceptions import ConnectionError as RedisConnectionError
+from sqlalchemy.exc import TimeoutError as SATimeoutError
 
 from relayport.app import create_app
 from relayport.settings import Settings
@@ -221,3 +223,23 @@ async def test_asymmetric_jwt_algorithms(
         )
         refused = await client.get("/v1/me", headers={"Authorization": f"Bearer {forged}"})
         assert_problem(refused, 401, "invalid-token")
+
+
+async def test_backing_service_outage_is_503_not_500(make_client: ClientFactory) -> None:
+    """The route raises what redis-py and SQLAlchemy raise when Redis or the database pool
+    is out of reach (simulated: taking the real services down would break the other tests)."""
+    async with make_client() as client:
+        app = client.app  # type: ignore[attr-defined]
+
+        @app.get("/test-redis-down")
+        async def redis_down() -> None:
+            raise RedisConnectionError("No connection available.")
+
+        @app.get("/test-db-pool-exhausted")
+        async def db_down() -> None:
+            raise SATimeoutError("QueuePool limit reached")
+
+        for path in ("/test-redis-down", "/test-db-pool-exhausted"):
+            response = await client.get(path)
+            assert_problem(response, 503, "unavailable")
+            assert response.headers["Retry-After"] == "1"

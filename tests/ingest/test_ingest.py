@@ -296,8 +296,10 @@ async def test_duplicate_is_acknowledged_with_the_original_event(
 @pytest.fixture
 def settings_kwargs(settings_kwargs: dict[str, Any]) -> dict[str, Any]:
     # 1,000 requests at once from one client address: lift the per-IP and in-flight caps.
-    # (Redis connections queue in the platform's blocking pool.)
+    # (Redis connections queue in the platform's blocking pool; a bigger one keeps a loaded
+    # CI machine from hitting the pool's wait limit.)
     return {
+        "redis_max_connections": 256,
         **settings_kwargs,
         "http": {"max_concurrency": 4096},
         "ratelimit": {"ip_requests_per_second": 100_000, "ip_burst": 100_000},

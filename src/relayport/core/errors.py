@@ -12,6 +12,9 @@ from typing import Any
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from redis.exceptions import RedisError
+from sqlalchemy.exc import InterfaceError
+from sqlalchemy.exc import TimeoutError as SATimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
@@ -236,6 +239,24 @@ def install(app: FastAPI) -> None:
             Problem(detail, status=exc.status_code, slug=slug, title=title, headers=exc.headers)
         )
 
+    async def on_dependency_down(request: Request, exc: Exception) -> Response:
+        # A database or Redis that is unreachable or out of connections is an outage to wait
+        # out, not a bug: 503 with Retry-After so clients and load balancers back off.
+        log.warning(
+            "dependency unavailable",
+            extra={
+                "event": "http.dependency_unavailable",
+                "error": type(exc).__name__,
+                "request_id": request_id(request),
+            },
+        )
+        return problem_response(
+            503,
+            detail="a backing service is unavailable; retry shortly",
+            headers={"Retry-After": "1"},
+            request_id=request_id(request),
+        )
+
     async def on_unhandled(request: Request, exc: Exception) -> Response:
         log.error(
             "unhandled error",
@@ -247,4 +268,7 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(Problem, on_problem)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
+    app.add_exception_handler(RedisError, on_dependency_down)
+    app.add_exception_handler(SATimeoutError, on_dependency_down)
+    app.add_exception_handler(InterfaceError, on_dependency_down)
     app.add_exception_handler(Exception, on_unhandled)
