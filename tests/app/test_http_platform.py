@@ -15,8 +15,10 @@ import pytest
 from asgi_lifespan import LifespanManager
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+from fastapi import Request
 from redis.exceptions import ConnectionError as RedisConnectionError
 from sqlalchemy.exc import TimeoutError as SATimeoutError
+from starlette.requests import ClientDisconnect
 
 from relayport.app import create_app
 from relayport.settings import Settings
@@ -243,3 +245,19 @@ async def test_backing_service_outage_is_503_not_500(make_client: ClientFactory)
             response = await client.get(path)
             assert_problem(response, 503, "unavailable")
             assert response.headers["Retry-After"] == "1"
+
+
+async def test_client_disconnect_is_not_logged_as_a_server_error(
+    make_client: ClientFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with make_client() as client:
+        app = client.app  # type: ignore[attr-defined]
+
+        @app.post("/test-read-body")
+        async def read_body(request: Request) -> None:
+            raise ClientDisconnect()
+
+        with caplog.at_level(logging.INFO, logger="relayport.errors"):
+            response = await client.post("/test-read-body", content=b"x")
+        assert_problem(response, 400, "client-disconnected")
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

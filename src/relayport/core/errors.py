@@ -16,6 +16,7 @@ from redis.exceptions import RedisError
 from sqlalchemy.exc import InterfaceError
 from sqlalchemy.exc import TimeoutError as SATimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 log = logging.getLogger("relayport.errors")
@@ -257,6 +258,12 @@ def install(app: FastAPI) -> None:
             request_id=request_id(request),
         )
 
+    async def on_client_gone(request: Request, exc: Exception) -> Response:
+        # The client hung up while we read its body: nobody receives this answer, and it is
+        # not a server error (logging a traceback per disconnect amplifies overload).
+        log.info("client disconnected", extra={"event": "http.client_disconnected"})
+        return problem_response(400, detail="the client disconnected", slug="client-disconnected")
+
     async def on_unhandled(request: Request, exc: Exception) -> Response:
         log.error(
             "unhandled error",
@@ -268,6 +275,7 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(Problem, on_problem)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
+    app.add_exception_handler(ClientDisconnect, on_client_gone)
     app.add_exception_handler(RedisError, on_dependency_down)
     app.add_exception_handler(SATimeoutError, on_dependency_down)
     app.add_exception_handler(InterfaceError, on_dependency_down)
