@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import JSON, Index, String
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -13,6 +13,17 @@ from relayport.core.context import request_id_var
 from relayport.core.db import Base, utcnow
 from relayport.core.ids import new_id
 from relayport.core.repository import TenantRepository
+
+
+class Actor(Protocol):
+    """What an audit row needs of a principal (core.auth.principal.Principal fits)."""
+
+    @property
+    def kind(self) -> str: ...
+    @property
+    def id(self) -> str: ...
+    @property
+    def tenant_id(self) -> str: ...
 
 
 class AuditEvent(Base):
@@ -61,6 +72,30 @@ def record(
     )
     session.add(event)
     return event
+
+
+def record_by(
+    session: AsyncSession,
+    actor: Actor,
+    action: str,
+    *,
+    ip: str | None,
+    target_type: str | None = None,
+    target_id: str | None = None,
+    details: dict[str, Any] | None = None,
+) -> AuditEvent:
+    """Append an event done by an authenticated principal, in its own tenant."""
+    return record(
+        session,
+        action=action,
+        tenant_id=actor.tenant_id,
+        actor_type=actor.kind,
+        actor_id=actor.id,
+        ip=ip,
+        target_type=target_type,
+        target_id=target_id,
+        details=details,
+    )
 
 
 class AuditRepository(TenantRepository[AuditEvent]):

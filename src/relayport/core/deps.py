@@ -10,7 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from relayport.core.auth.principal import Principal
 from relayport.core.context import principal_id_var, tenant_id_var
-from relayport.core.errors import NotFound, Problem, RateLimited
+from relayport.core.errors import Problem, RateLimited
 from relayport.core.platform import Platform
 from relayport.core.ratelimit import Limit
 
@@ -128,8 +128,3 @@ def require(role: str) -> Callable[..., Awaitable[Principal]]:
 Viewer = Annotated[Principal, Depends(require("viewer"))]
 Operator = Annotated[Principal, Depends(require("operator"))]
 Admin = Annotated[Principal, Depends(require("admin"))]
-
-
-def not_found_unless(condition: bool, detail: str = "no such resource") -> None:
-    if not condition:
-        raise NotFound(detail)

@@ -210,12 +210,10 @@ def _audit(
     ip: str | None,
     details: dict[str, Any] | None = None,
 ) -> None:
-    audit.record(
+    audit.record_by(
         session,
-        action=action,
-        tenant_id=principal.tenant_id,
-        actor_type=principal.kind,
-        actor_id=principal.id,
+        principal,
+        action,
         ip=ip,
         target_type="source",
         target_id=source_id,
@@ -290,12 +288,10 @@ async def retry_job(
     if not moved:
         raise Conflict(f"the job is {job.status}; only finished jobs are retried", slug="job-busy")
     _enqueue(session, moved, principal.tenant_id)
-    audit.record(
+    audit.record_by(
         session,
-        action="job.retried",
-        tenant_id=principal.tenant_id,
-        actor_type=principal.kind,
-        actor_id=principal.id,
+        principal,
+        "job.retried",
         ip=ip,
         target_type="job",
         target_id=job.id,

@@ -271,12 +271,10 @@ async def create_api_key(
         expires_at=now + dt.timedelta(seconds=expires_in_s) if expires_in_s else None,
     )
     session.add(key)
-    audit.record(
+    audit.record_by(
         session,
-        action="api_key.created",
-        tenant_id=principal.tenant_id,
-        actor_type=principal.kind,
-        actor_id=principal.id,
+        principal,
+        "api_key.created",
         ip=ip,
         target_type="api_key",
         target_id=key.id,
@@ -291,12 +289,10 @@ async def revoke_api_key(
     key = await ApiKeyRepository(session, principal.tenant_id).get(key_id)
     if key.revoked_at is None:
         key.revoked_at = utcnow()
-        audit.record(
+        audit.record_by(
             session,
-            action="api_key.revoked",
-            tenant_id=principal.tenant_id,
-            actor_type=principal.kind,
-            actor_id=principal.id,
+            principal,
+            "api_key.revoked",
             ip=ip,
             target_type="api_key",
             target_id=key.id,
@@ -352,24 +348,20 @@ async def update_user(
         if changed.rowcount != 1:  # type: ignore[attr-defined]
             raise Conflict("a tenant needs at least one active admin", slug="last-admin")
     if new_role != user.role:
-        audit.record(
+        audit.record_by(
             session,
-            action="user.role_changed",
-            tenant_id=principal.tenant_id,
-            actor_type=principal.kind,
-            actor_id=principal.id,
+            principal,
+            "user.role_changed",
             ip=ip,
             target_type="user",
             target_id=user.id,
             details={"from": user.role, "to": new_role},
         )
     if new_active != user.is_active:
-        audit.record(
+        audit.record_by(
             session,
-            action="user.activated" if new_active else "user.deactivated",
-            tenant_id=principal.tenant_id,
-            actor_type=principal.kind,
-            actor_id=principal.id,
+            principal,
+            "user.activated" if new_active else "user.deactivated",
             ip=ip,
             target_type="user",
             target_id=user.id,
@@ -410,12 +402,10 @@ async def _limit_keys_of(
         else:
             continue
         touched.append(key.key_hash)
-        audit.record(
+        audit.record_by(
             session,
-            action=action,
-            tenant_id=principal.tenant_id,
-            actor_type=principal.kind,
-            actor_id=principal.id,
+            principal,
+            action,
             ip=ip,
             target_type="api_key",
             target_id=key.id,
