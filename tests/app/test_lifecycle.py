@@ -60,6 +60,7 @@ def test_first_start_migrates_generates_keys_and_sigterm_drains(tmp_path: Path) 
         wait_ready(port, proc)
         data = tmp_path / "data"
         assert (data / "relayport.db").exists()
+        assert data.stat().st_mode & 0o777 == 0o700
         for secret in ("master.key", "jwt.key"):
             assert (data / secret).stat().st_mode & 0o777 == 0o600
         body = b'{"email": "drain@example.com", "password": "a long passphrase"}'
