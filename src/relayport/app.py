@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from fastapi import APIRouter, FastAPI
 
 from relayport import __version__
+from relayport.configs.routes import router as configs_router
 from relayport.core import errors
 from relayport.core.audit_routes import router as audit_router
 from relayport.core.auth.routes import router as auth_router
@@ -33,6 +34,7 @@ from relayport.core.telemetry import (
     configure_tracing,
     shutdown_tracing,
 )
+from relayport.delivery.routes import router as delivery_router
 from relayport.ingest.routes import body_limit_for as ingest_body_limit
 from relayport.ingest.routes import router as ingest_router
 from relayport.runtime import build_platform, close_platform
@@ -87,7 +89,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.draining = False
     errors.install(app)
-    for router in (health_router, auth_router, audit_router, ingest_router):
+    for router in (
+        health_router,
+        auth_router,
+        audit_router,
+        ingest_router,
+        delivery_router,
+        configs_router,
+    ):
         add_routes(app, router)
 
     def limiter() -> RateLimiter | None:

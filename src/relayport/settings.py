@@ -156,6 +156,14 @@ def _b64decode(value: str) -> bytes:
         return b""
 
 
+class DeliverySettings(BaseModel):
+    """Outbound webhooks: sending, retries, breakers, the SSRF allow-list."""
+
+
+class ConfigsSettings(BaseModel):
+    """Live configuration: push streams, heartbeats, the recent-version buffer."""
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="RELAYPORT_",
@@ -189,6 +197,8 @@ class Settings(BaseSettings):
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
     outbox: OutboxSettings = Field(default_factory=OutboxSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
+    delivery: DeliverySettings = Field(default_factory=DeliverySettings)
+    configs: ConfigsSettings = Field(default_factory=ConfigsSettings)
 
     @field_validator("database_url")
     @classmethod

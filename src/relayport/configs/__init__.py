@@ -1,0 +1,1 @@
+"""Live configuration: versioned, schema-validated, encrypted configuration pushed to clients."""

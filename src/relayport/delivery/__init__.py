@@ -1,0 +1,1 @@
+"""Outbound webhooks: endpoints, event types, messages, signed delivery, retries and breakers."""
