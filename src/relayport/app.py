@@ -15,9 +15,8 @@ from relayport.core import errors
 from relayport.core.audit_routes import router as audit_router
 from relayport.core.auth.routes import router as auth_router
 from relayport.core.health import router as health_router
-from relayport.core.iplimit import IpRateLimitMiddleware
+from relayport.core.limits import RateLimitMiddleware
 from relayport.core.platform import Platform
-from relayport.core.ratelimit import RateLimiter
 from relayport.core.security import (
     BodyLimitMiddleware,
     ClientIpMiddleware,
@@ -85,7 +84,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         summary="Inbound and outbound webhooks, detection, live configuration, LLM gateway.",
         lifespan=lifespan,
-        telemetry={"tracing": False},  # our TracingMiddleware owns the span (with request ids)
+        # Our middleware owns metrics and spans (with request ids and route templates); FastAPI's
+        # native telemetry would also look up OpenTelemetry providers on every request.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.draining = False
     errors.install(app)
@@ -99,11 +100,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     ):
         add_routes(app, router)
 
-    def limiter() -> RateLimiter | None:
-        platform: Platform | None = getattr(app.state, "platform", None)
-        if platform is None or not settings.ratelimit.enabled:
-            return None
-        return platform.limiter
+    def platform() -> Platform | None:
+        return getattr(app.state, "platform", None)
 
     # Added innermost first: the last one added sees the request first. Outermost first:
     # RequestId → Tracing → Metrics → SecurityHeaders → CORS → ClientIp → Concurrency →
@@ -113,12 +111,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_bytes=settings.http.body_limit_bytes,
         limit_for=ingest_body_limit,  # sources may take bodies up to 10 MiB
     )
-    app.add_middleware(
-        IpRateLimitMiddleware,
-        limiter=limiter,
-        rate=settings.ratelimit.ip_requests_per_second,
-        burst=settings.ratelimit.ip_burst,
-    )
+    app.add_middleware(RateLimitMiddleware, platform=platform)
     app.add_middleware(ConcurrencyLimitMiddleware, gate=gate)
     app.add_middleware(ClientIpMiddleware, trusted_proxies=settings.http.trusted_proxies)
     cors = cors_kwargs(settings.http)

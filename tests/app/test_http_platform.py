@@ -96,6 +96,52 @@ async def test_ip_bucket_refuses_before_authentication(make_client: ClientFactor
         assert (await client.get("/healthz")).status_code == 200  # probes are exempt
 
 
+async def test_cached_credentials_cost_one_limiter_call_per_request(
+    make_client: ClientFactory,
+) -> None:
+    """Once the key is cached, the IP, principal, tenant and quota limits are one atomic call
+    (one Redis round trip on the shared backend). The limiter is wrapped to count calls: a
+    spy around the real limiter, which still decides."""
+    async with make_client() as client:
+        account = await signup(client)
+        key = {"Authorization": f"Bearer {await api_key(client, account)}"}
+        assert (await client.get("/v1/ping", headers=key)).status_code == 200  # now cached
+        limiter = client.app.state.platform.limiter  # type: ignore[attr-defined]
+        calls: list[list[str]] = []
+        real_check, real_hit = limiter.check, limiter.hit
+
+        async def check(limits: Any) -> Any:
+            calls.append([limit.key.split(":")[0] for limit in limits])
+            return await real_check(limits)
+
+        async def hit(key: str, **kwargs: Any) -> Any:
+            calls.append([key.split(":")[0]])
+            return await real_hit(key, **kwargs)
+
+        limiter.check, limiter.hit = check, hit
+        try:
+            for _ in range(3):
+                response = await client.get("/v1/ping", headers=key)
+                assert response.status_code == 200
+                assert "RateLimit-Remaining" in response.headers
+        finally:
+            limiter.check, limiter.hit = real_check, real_hit
+        assert calls == [["ip", "p", "t", "q"]] * 3
+
+
+async def test_refused_cached_principal_is_429_before_routing(make_client: ClientFactory) -> None:
+    limits = {"principal_requests_per_second": 0.01, "principal_burst": 2}
+    async with make_client(ratelimit=limits) as client:
+        account = await signup(client)
+        assert (await client.get("/v1/ping", headers=account.headers)).status_code == 200
+        codes = [
+            (await client.get("/v1/no-such-route", headers=account.headers)).status_code
+            for _ in range(2)
+        ]
+        # Valid (cached) credentials count even where a route does not exist or need them.
+        assert codes == [404, 429]
+
+
 async def test_request_id_and_security_headers(client: httpx.AsyncClient) -> None:
     sane = await client.get("/healthz", headers={"X-Request-ID": "abc-123"})
     assert sane.headers["X-Request-ID"] == "abc-123"

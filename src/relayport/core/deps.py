@@ -5,14 +5,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated
 
-from fastapi import Depends, Request, Response
+from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from relayport.core.auth.principal import Principal
-from relayport.core.context import principal_id_var, tenant_id_var
-from relayport.core.errors import Problem, RateLimited
+from relayport.core.errors import Problem
+from relayport.core.limits import bind_principal, check_principal
 from relayport.core.platform import Platform
-from relayport.core.ratelimit import Limit
 
 
 def get_platform(request: Request) -> Platform:
@@ -66,52 +65,23 @@ def client_ip(request: Request) -> str | None:
     return request.client.host if request.client else None
 
 
-async def _authenticate(request: Request, response: Response) -> Principal:
-    platform: Platform = request.app.state.platform
-    principal = await platform.authenticator.authenticate(request.headers.get("authorization"))
-    tenant_id_var.set(principal.tenant_id)
-    principal_id_var.set(principal.id)
-    request.state.principal = principal
-    await _limit(platform, principal, response)
-    return principal
-
-
-async def _limit(platform: Platform, principal: Principal, response: Response) -> None:
-    """Per-principal and per-tenant token buckets, then the tenant's daily quota."""
-    settings = platform.settings.ratelimit
-    if not settings.enabled:
-        return
-    plan = settings.plans.get(principal.plan) or settings.plans["free"]
-    # One atomic call (one Redis round trip): all three pass and are spent, or none is.
-    decisions = await platform.limiter.check(
-        [
-            Limit.bucket(
-                f"p:{principal.id}",
-                rate=settings.principal_requests_per_second,
-                burst=settings.principal_burst,
-            ),
-            Limit.bucket(
-                f"t:{principal.tenant_id}", rate=plan.requests_per_second, burst=plan.burst
-            ),
-            Limit.daily_quota(f"q:{principal.tenant_id}", limit=plan.daily_quota),
-        ]
-    )
-    for index, decision in enumerate(decisions):
-        if not decision.allowed:
-            quota = index == 2
-            raise RateLimited(
-                "daily quota exhausted" if quota else "slow down",
-                slug="quota-exceeded" if quota else "rate-limited",
-                headers=decision.headers(),
-            )
-    tightest = min(decisions, key=lambda d: d.remaining)
-    response.headers.update(tightest.headers())
-
-
 def require(role: str) -> Callable[..., Awaitable[Principal]]:
-    """A dependency that admits principals with at least `role` in their tenant."""
+    """A dependency that admits principals with at least `role` in their tenant.
 
-    async def dependency(principal: Annotated[Principal, Depends(_authenticate)]) -> Principal:
+    RateLimitMiddleware has usually resolved (and rate-limited) the principal from the
+    authenticator's cache already; otherwise authenticate now and spend its limits.
+    """
+
+    async def dependency(request: Request) -> Principal:
+        state = request.scope.setdefault("state", {})
+        principal: Principal | None = state.get("principal")
+        if principal is None:
+            platform: Platform = request.app.state.platform
+            principal = await platform.authenticator.authenticate(
+                request.headers.get("authorization")
+            )
+            bind_principal(state, principal)
+            await check_principal(platform, principal, state)
         if not principal.has_role(role):
             raise Problem(
                 f"this needs the {role} role",

@@ -107,6 +107,31 @@ class Authenticator:
             return await self._api_key(credential)
         return await self._jwt(credential)
 
+    def cached(self, authorization: str | None) -> Principal | None:
+        """The principal for these credentials if they are valid and already cached, without
+        any I/O; None when they would need the database or are not valid (then
+        `authenticate` gives the answer, with its reason)."""
+        if not authorization:
+            return None
+        scheme, _, credential = authorization.partition(" ")
+        credential = credential.strip()
+        if scheme.lower() != "bearer" or not credential:
+            return None
+        try:
+            if credential.startswith(API_KEY_PREFIX):
+                if len(credential) > 200:
+                    return None
+                digest = sha256_hex(credential)
+                entry = self._keys.get(digest)
+                return None if entry is None else self._admit_key(entry, digest)
+            claims = self.issuer.verify(credential)
+        except Unauthorized:
+            return None
+        principal = self._users.get(claims.user_id)
+        if principal is None or principal.tenant_id != claims.tenant_id:
+            return None
+        return principal
+
     async def _api_key(self, key: str) -> Principal:
         if len(key) > 200:
             raise Unauthorized("invalid API key", slug="invalid-api-key")
@@ -115,6 +140,9 @@ class Authenticator:
         if entry is None:
             entry = await self._load_key(digest)
             self._keys.put(digest, entry)
+        return self._admit_key(entry, digest)
+
+    def _admit_key(self, entry: _KeyEntry, digest: str) -> Principal:
         # The lookup was by hash; compare again in constant time so a cache or index quirk
         # can never match a different key.
         if entry.principal is None or not hmac.compare_digest(entry.key_hash, digest):

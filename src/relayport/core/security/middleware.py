@@ -52,6 +52,9 @@ __all__ = [
 
 RawHeaders = list[tuple[bytes, bytes]]
 
+# Raw headers inner layers ask the outermost one to add to the response.
+RESPONSE_HEADERS = "response_headers"
+
 # Probes and scrapes must answer while the process is saturated or draining, or the
 # orchestrator would kill a busy-but-healthy instance.
 PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
@@ -128,12 +131,20 @@ class RequestIdMiddleware:
             request_id = incoming.decode("ascii")
         else:
             request_id = uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
-        echoed = [(_REQUEST_ID_HEADER, request_id.encode("ascii"))]
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        echoed = (_REQUEST_ID_HEADER, request_id.encode("ascii"))
 
         async def send_with_id(message: Message) -> None:
-            if message["type"] in _ID_MESSAGES and _REQUEST_ID_HEADER not in _header_names(message):
-                message = _with_headers(message, echoed)
+            if message["type"] in _ID_MESSAGES:
+                present = _header_names(message)
+                # Inner layers that learn headers before the response exists (rate-limit
+                # state) leave them in the scope, so they need no send wrapper of their own.
+                extra = [h for h in state.get(RESPONSE_HEADERS, ()) if h[0] not in present]
+                if _REQUEST_ID_HEADER not in present:
+                    extra.append(echoed)
+                if extra:
+                    message = _with_headers(message, extra)
             await send(message)
 
         token = request_id_var.set(request_id)

@@ -1,0 +1,138 @@
+"""The request budget: per-client-IP, per-principal and per-tenant token buckets and the
+tenant's daily quota, checked as early and as rarely as possible.
+
+`RateLimitMiddleware` runs before routing. When the request presents credentials the
+authenticator already holds in its cache (the steady state of any busy client), it checks all
+four limits in one atomic call (one Redis round trip when limits are shared) and leaves the
+principal in the scope for the route's role check. Otherwise it spends only the IP bucket, so a
+flood of unknown credentials is throttled before it can reach the database, and the route's
+`require(role)` dependency authenticates and checks the principal's limits afterwards
+(`check_principal`).
+
+A request that presents valid credentials counts against its principal and tenant even on a
+route that does not need them: the budget belongs to whoever sends the credentials.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from relayport.core.context import principal_id_var, tenant_id_var
+from relayport.core.errors import RateLimited, problem_bytes
+from relayport.core.ratelimit import Decision, Limit
+from relayport.core.security.middleware import RESPONSE_HEADERS
+
+if TYPE_CHECKING:
+    from relayport.core.auth.principal import Principal
+    from relayport.core.platform import Platform
+    from relayport.settings import RateLimitSettings
+
+EXEMPT = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+def principal_limits(settings: RateLimitSettings, principal: Principal) -> list[Limit]:
+    """The principal's bucket, its tenant's bucket (by plan) and the tenant's daily quota."""
+    plan = settings.plans.get(principal.plan) or settings.plans["free"]
+    return [
+        Limit.bucket(
+            f"p:{principal.id}",
+            rate=settings.principal_requests_per_second,
+            burst=settings.principal_burst,
+        ),
+        Limit.bucket(f"t:{principal.tenant_id}", rate=plan.requests_per_second, burst=plan.burst),
+        Limit.daily_quota(f"q:{principal.tenant_id}", limit=plan.daily_quota),
+    ]
+
+
+def _refusal(decisions: list[Decision], limits: list[Limit]) -> RateLimited | None:
+    for decision, limit in zip(decisions, limits, strict=True):
+        if not decision.allowed:
+            quota = limit.kind == "quota"
+            return RateLimited(
+                "daily quota exhausted" if quota else "slow down",
+                slug="quota-exceeded" if quota else "rate-limited",
+                headers=decision.headers(),
+            )
+    return None
+
+
+def _raw_headers(decision: Decision) -> list[tuple[bytes, bytes]]:
+    return [(k.lower().encode(), v.encode()) for k, v in decision.headers().items()]
+
+
+def bind_principal(state: dict[str, Any], principal: Principal) -> None:
+    state["principal"] = principal
+    tenant_id_var.set(principal.tenant_id)
+    principal_id_var.set(principal.id)
+
+
+async def check_principal(platform: Platform, principal: Principal, state: dict[str, Any]) -> None:
+    """Spend the principal's limits (the IP bucket was spent before authentication); raise
+    RateLimited if any refuses, else put the tightest one's headers on the response."""
+    settings = platform.settings.ratelimit
+    if not settings.enabled:
+        return
+    limits = principal_limits(settings, principal)
+    decisions = await platform.limiter.check(limits)
+    refused = _refusal(decisions, limits)
+    if refused is not None:
+        raise refused
+    tightest = min(decisions, key=lambda d: d.remaining)
+    state.setdefault(RESPONSE_HEADERS, []).extend(_raw_headers(tightest))
+
+
+class RateLimitMiddleware:
+    def __init__(self, app: ASGIApp, *, platform: Callable[[], Platform | None]) -> None:
+        self.app = app
+        # The platform is built in the lifespan, after the middleware stack: look it up lazily.
+        self.platform = platform
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        platform = self.platform()
+        if (
+            scope["type"] != "http"
+            or platform is None
+            or not platform.settings.ratelimit.enabled
+            or scope["path"] in EXEMPT
+        ):
+            await self.app(scope, receive, send)
+            return
+        settings = platform.settings.ratelimit
+        state = scope.setdefault("state", {})
+        client = scope.get("client")
+        ip = state.get("client_ip") or (client[0] if client else "unknown")
+        limits = [
+            Limit.bucket(f"ip:{ip}", rate=settings.ip_requests_per_second, burst=settings.ip_burst)
+        ]
+        principal = platform.authenticator.cached(_authorization(scope))
+        if principal is not None:
+            limits += principal_limits(settings, principal)
+        decisions = await platform.limiter.check(limits)
+        refused = _refusal(decisions, limits)
+        if refused is not None:
+            await _send_refusal(send, refused)
+            return
+        if principal is not None:
+            bind_principal(state, principal)
+            tightest = min(decisions[1:], key=lambda d: d.remaining)
+            state.setdefault(RESPONSE_HEADERS, []).extend(_raw_headers(tightest))
+        await self.app(scope, receive, send)
+
+
+def _authorization(scope: Scope) -> str | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"authorization":
+            return str(value.decode("latin-1"))
+    return None
+
+
+async def _send_refusal(send: Send, problem: RateLimited) -> None:
+    body = problem_bytes(problem.status, problem.slug, problem.title, problem.detail)
+    headers = [(b"content-type", b"application/problem+json")]
+    headers += [(k.lower().encode(), v.encode()) for k, v in (problem.headers or {}).items()]
+    headers.append((b"content-length", str(len(body)).encode()))
+    await send({"type": "http.response.start", "status": 429, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
