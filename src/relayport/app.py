@@ -17,6 +17,7 @@ from relayport.core.auth.routes import router as auth_router
 from relayport.core.health import router as health_router
 from relayport.core.limits import RateLimitMiddleware
 from relayport.core.platform import Platform
+from relayport.core.route_index import index_routes
 from relayport.core.security import (
     BodyLimitMiddleware,
     ClientIpMiddleware,
@@ -99,6 +100,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         configs_router,
     ):
         add_routes(app, router)
+    index_routes(app)
 
     def platform() -> Platform | None:
         return getattr(app.state, "platform", None)

@@ -20,13 +20,13 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from relayport.core.auth.principal import Principal
 from relayport.core.context import principal_id_var, tenant_id_var
 from relayport.core.errors import RateLimited, problem_bytes
 from relayport.core.ratelimit import Decision, Limit
 from relayport.core.security.middleware import RESPONSE_HEADERS
 
 if TYPE_CHECKING:
-    from relayport.core.auth.principal import Principal
     from relayport.core.platform import Platform
     from relayport.settings import RateLimitSettings
 
@@ -89,6 +89,9 @@ class RateLimitMiddleware:
         self.app = app
         # The platform is built in the lifespan, after the middleware stack: look it up lazily.
         self.platform = platform
+        # Principals are immutable (a role or plan change makes a new one), so their limits
+        # can be built once; bounded like the authenticator's cache they come from.
+        self._limits: dict[Principal, list[Limit]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         platform = self.platform()
@@ -109,7 +112,12 @@ class RateLimitMiddleware:
         ]
         principal = platform.authenticator.cached(_authorization(scope))
         if principal is not None:
-            limits += principal_limits(settings, principal)
+            own = self._limits.get(principal)
+            if own is None:
+                if len(self._limits) >= 10_000:
+                    self._limits.clear()
+                own = self._limits[principal] = principal_limits(settings, principal)
+            limits += own
         decisions = await platform.limiter.check(limits)
         refused = _refusal(decisions, limits)
         if refused is not None:

@@ -77,6 +77,10 @@ class Limit:
         """The window `quota(key, limit=limit, cost=cost)` uses."""
         return cls(key, "quota", limit=limit, cost=cost)
 
+    def __post_init__(self) -> None:
+        # Validated once here, so `check()` on the request path trusts what it is given.
+        self.validate()
+
     def validate(self) -> None:
         """Raise ValueError for arguments `hit()` or `quota()` would reject."""
         if self.kind == "bucket":
@@ -215,8 +219,6 @@ class MemoryRateLimiter:
         return _quota_decision(allowed, used, limit, (day + 1) * DAY_S - now)
 
     async def check(self, limits: Sequence[Limit]) -> list[Decision]:
-        for limit in limits:
-            limit.validate()
         if not limits:
             return []
         now = self._clock()

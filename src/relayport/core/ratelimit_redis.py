@@ -234,8 +234,6 @@ class RedisRateLimiter:
         )
 
     async def check(self, limits: Sequence[Limit]) -> list[Decision]:
-        for limit in limits:
-            limit.validate()
         if not limits:
             return []
         prefix = self._prefix

@@ -237,14 +237,19 @@ class _BodyTooLarge(HTTPException):
         super().__init__(status_code=413, detail="request body too large")
 
 
-def _content_length(scope: Scope) -> int | None:
+def _body_framing(scope: Scope) -> tuple[int | None, bool]:
+    """The declared Content-Length (None if absent) and whether Transfer-Encoding is set."""
     longest: int | None = None
+    encoded = False
     for name, value in scope.get("headers", ()):
-        if name.lower() == b"content-length" and value.strip().isdigit():
+        name = name.lower()
+        if name == b"content-length" and value.strip().isdigit():
             # Servers reject conflicting lengths; if one slipped through, judge the largest.
             length = int(value)
             longest = length if longest is None else max(longest, length)
-    return longest
+        elif name == b"transfer-encoding":
+            encoded = True
+    return longest, encoded
 
 
 class BodyLimitMiddleware:
@@ -282,7 +287,10 @@ class BodyLimitMiddleware:
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        declared, encoded = _body_framing(scope) if scope["type"] == "http" else (None, True)
+        if scope["type"] != "http" or (not declared and not encoded):
+            # HTTP/1.1 frames every request body with one of the two headers: without them
+            # (most GETs) there is nothing to count, so skip the receive/send wrappers.
             await self.app(scope, receive, send)
             return
         limit = self.max_bytes
@@ -290,7 +298,6 @@ class BodyLimitMiddleware:
             override = self.limit_for(scope)
             if override is not None:
                 limit = override
-        declared = _content_length(scope)
         if declared is not None and declared > limit:
             await self._reject(scope, send, limit)
             return
