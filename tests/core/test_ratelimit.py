@@ -654,3 +654,51 @@ async def test_create_rate_limiter_uses_redis_and_leaves_a_shared_client_open(
     assert isinstance(shared, RedisRateLimiter)
     assert isinstance(own, RedisRateLimiter)
     assert await redis_client.ping(), "closing the limiter must not close a client it was given"
+
+
+async def test_concurrent_redis_checks_share_one_script_run_with_sequential_answers(
+    redis_client: Redis, prefix: str
+) -> None:
+    """Checks made in one loop turn go out as one EVALSHA, yet each call keeps its own
+    all-or-nothing answer: a refused call in the middle of the batch spends nothing.
+    (The script is wrapped to count its runs; the real one still answers.)"""
+    limiter = RedisRateLimiter(redis_client, prefix=prefix)
+    runs: list[int] = []
+    real = limiter._check_script
+
+    async def counting(**kwargs: Any) -> Any:
+        runs.append(int(kwargs["args"][1]))  # the number of calls in this run
+        return await real(**kwargs)
+
+    limiter._check_script = counting  # type: ignore[method-assign]
+    small = [Limit.bucket("small", rate=NEVER, burst=1)]
+    big = [Limit.bucket("big", rate=NEVER, burst=3)]
+    both = [*big, *small]
+    results = await asyncio.gather(
+        limiter.check(small), limiter.check(both), limiter.check(big), limiter.check(big)
+    )
+    assert runs == [4]
+    assert [[d.allowed for d in ds] for ds in results] == [
+        [True],  # takes the only "small" token
+        [True, False],  # refused by "small": "big" is not spent either
+        [True],
+        [True],
+    ]
+    assert [ds[0].remaining for ds in results[2:]] == [2, 1]
+
+
+async def test_a_redis_failure_reaches_every_batched_caller(
+    redis_client: Redis, prefix: str
+) -> None:
+    """The script is replaced by one that fails as a lost connection would."""
+    limiter = RedisRateLimiter(redis_client, prefix=prefix)
+
+    async def failing(**kwargs: Any) -> Any:
+        raise RedisError("connection refused")
+
+    limiter._check_script = failing  # type: ignore[method-assign]
+    results = await asyncio.gather(
+        *(limiter.check([Limit.bucket(f"k{i}", rate=1, burst=1)]) for i in range(3)),
+        return_exceptions=True,
+    )
+    assert all(isinstance(r, RedisError) for r in results)

@@ -8,6 +8,7 @@ from coming back early.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -86,14 +87,18 @@ return {allowed, math.max(0, limit - used), midnight_ms - now_ms}
 """
 
 
+# A batch of check() calls, evaluated one after the other as if each were its own script call.
 # KEYS[i]: the i-th limit's bucket hash or day counter, laid out as in _HIT_LUA/_QUOTA_LUA so
-# check() and hit()/quota() share state. ARGV[1]: epsilon; then 4 per limit: kind ('b' or 'q'),
-# rate (buckets; 0 for quotas), burst or limit, cost.
-# Every limit is evaluated against one TIME; writes happen only if all allowed, so a refused
-# call changes nothing. A key listed twice sees its earlier entry's tentative consumption.
-# Reply: 4 integers per limit: allowed, remaining, retry_ms, reset_ms.
+# check() and hit()/quota() share state. ARGV[1]: epsilon; ARGV[2]: the number of calls G;
+# ARGV[3 .. 2+G]: how many limits each call has; then 4 per limit: kind ('b' or 'q'), rate
+# (buckets; 0 for quotas), burst or limit, cost.
+# Within a call every limit is evaluated against one TIME and writes happen only if all allowed,
+# so a refused call changes nothing; a key listed twice sees its earlier entry's tentative
+# consumption; a later call sees an earlier call's writes.
+# Reply: 4 integers per limit, in order: allowed, remaining, retry_ms, reset_ms.
 _CHECK_LUA = """
 local eps = tonumber(ARGV[1])
+local calls = tonumber(ARGV[2])
 local max_ms = 1e14
 
 local t = redis.call('TIME')
@@ -102,13 +107,16 @@ local now = now_s * 1000000 + tonumber(t[2])
 local now_ms = now_s * 1000 + math.floor(tonumber(t[2]) / 1000)
 local midnight_ms = (math.floor(now_s / 86400) + 1) * 86400000
 
+local reply = {}
+local first = 1
+for c = 1, calls do
+local last = first + tonumber(ARGV[2 + c]) - 1
 local pending = {}
 local writes = {}
-local reply = {}
 local all_allowed = true
-for i = 1, #KEYS do
+for i = first, last do
   local key = KEYS[i]
-  local base = 1 + (i - 1) * 4
+  local base = 2 + calls + (i - 1) * 4
   local kind = ARGV[base + 1]
   local cap = tonumber(ARGV[base + 3])
   local cost = tonumber(ARGV[base + 4])
@@ -178,8 +186,15 @@ if all_allowed then
     end
   end
 end
+first = last + 1
+end
 return reply
 """
+
+
+# Calls per script run: bounds the script's time inside Redis (which blocks other clients).
+MAX_BATCH = 256
+_EPSILON = repr(TOKEN_EPSILON).encode()
 
 
 class RedisRateLimiter:
@@ -201,6 +216,10 @@ class RedisRateLimiter:
         self._hit_script = client.register_script(_HIT_LUA)
         self._quota_script = client.register_script(_QUOTA_LUA)
         self._check_script = client.register_script(_CHECK_LUA)
+        self._queue: list[tuple[Sequence[Limit], asyncio.Future[list[Decision]]]] = []
+        self._flush_scheduled = False
+        self._senders: set[asyncio.Task[None]] = set()
+        self._wires: dict[Limit, tuple[bytes, list[bytes]]] = {}
 
     async def hit(self, key: str, *, rate: float, burst: int, cost: int = 1) -> Decision:
         validate_hit(rate, burst, cost)
@@ -234,33 +253,84 @@ class RedisRateLimiter:
         )
 
     async def check(self, limits: Sequence[Limit]) -> list[Decision]:
+        """One script call for every check() made in the same turn of the event loop.
+
+        Concurrent requests each need one atomic check; sent one by one they each pay a round
+        trip, a pooled connection and redis-py's per-command cost. Queued until the loop's
+        next turn, they go out as one EVALSHA whose script runs the calls in order, so each
+        gets exactly the answer it would have had alone.
+        """
         if not limits:
             return []
-        prefix = self._prefix
-        keys: list[str] = []
-        args: list[str | int] = [repr(TOKEN_EPSILON)]
-        for limit in limits:
-            if limit.kind == "bucket":
-                keys.append(f"{prefix}b:{limit.key}")
-                args += ("b", repr(float(limit.rate)), limit.burst, limit.cost)
-            else:
-                keys.append(f"{prefix}q:{limit.key}")
-                args += ("q", 0, limit.limit, limit.cost)
-        # One EVALSHA for the whole list: one round trip, one TIME, one atomic decision.
-        values = _ints(await self._check_script(keys=keys, args=args), 4 * len(limits))
-        decisions: list[Decision] = []
-        for i, limit in enumerate(limits):
-            allowed, remaining, retry_ms, reset_ms = values[4 * i : 4 * i + 4]
-            decisions.append(
-                Decision(
-                    allowed=allowed == 1,
-                    limit=limit.burst if limit.kind == "bucket" else limit.limit,
-                    remaining=remaining,
-                    reset_s=reset_ms / 1000,
-                    retry_after_s=retry_ms / 1000,
+        future: asyncio.Future[list[Decision]] = asyncio.get_running_loop().create_future()
+        self._queue.append((limits, future))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+        return await future
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        queue, self._queue = self._queue, []
+        for start in range(0, len(queue), MAX_BATCH):
+            task = asyncio.create_task(self._send(queue[start : start + MAX_BATCH]))
+            self._senders.add(task)
+            task.add_done_callback(self._senders.discard)
+
+    async def _send(
+        self, batch: list[tuple[Sequence[Limit], asyncio.Future[list[Decision]]]]
+    ) -> None:
+        keys: list[bytes] = []
+        counts: list[int] = []
+        args: list[bytes] = []
+        for limits, _ in batch:
+            counts.append(len(limits))
+            for limit in limits:
+                key, wire = self._wire(limit)
+                keys.append(key)
+                args += wire
+        try:
+            reply = await self._check_script(keys=keys, args=[_EPSILON, len(batch), *counts, *args])
+            values = _ints(reply, 4 * len(keys))
+        except BaseException as exc:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        offset = 0
+        for limits, future in batch:
+            decisions = []
+            for limit in limits:
+                allowed, remaining, retry_ms, reset_ms = values[offset : offset + 4]
+                offset += 4
+                decisions.append(
+                    Decision(
+                        allowed=allowed == 1,
+                        limit=limit.burst if limit.kind == "bucket" else limit.limit,
+                        remaining=remaining,
+                        reset_s=reset_ms / 1000,
+                        retry_after_s=retry_ms / 1000,
+                    )
                 )
-            )
-        return decisions
+            if not future.done():  # a cancelled caller still spent its tokens, as before
+                future.set_result(decisions)
+
+    def _wire(self, limit: Limit) -> tuple[bytes, list[bytes]]:
+        """The limit's key and arguments, encoded once (the same few limits recur)."""
+        wire = self._wires.get(limit)
+        if wire is None:
+            if len(self._wires) >= 10_000:
+                self._wires.clear()
+            if limit.kind == "bucket":
+                key = f"{self._prefix}b:{limit.key}"
+                args = ["b", repr(float(limit.rate)), str(limit.burst), str(limit.cost)]
+            else:
+                key = f"{self._prefix}q:{limit.key}"
+                args = ["q", "0", str(limit.limit), str(limit.cost)]
+            wire = self._wires[limit] = (key.encode(), [a.encode() for a in args])
+        return wire
 
     async def close(self) -> None:
         if self._owns_client:

@@ -11,6 +11,7 @@ interprets forwarding headers (X-Forwarded-Proto included, for HSTS and absolute
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable, Sequence
 
@@ -23,8 +24,13 @@ UNKNOWN = "unknown"
 _SCHEMES = {"http": "http", "https": "https", "ws": "http", "wss": "https"}
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_ip(value: str) -> IPAddress | None:
-    """An address from a header or socket entry, tolerating ports and IPv6 brackets."""
+    """An address from a header or socket entry, tolerating ports and IPv6 brackets.
+
+    Cached: a busy instance sees the same few peers (its proxies, its heavy clients) on every
+    request, and `ipaddress` parsing is the costliest step here. Results are immutable.
+    """
     value = value.strip()
     if not value or len(value) > 64:  # longest IPv6 text with brackets, zone and port fits
         return None

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import re
-import uuid
 from collections.abc import Callable, Collection, Iterable
 from typing import Any
 from urllib.parse import urlsplit
@@ -130,7 +130,7 @@ class RequestIdMiddleware:
         if incoming is not None and _REQUEST_ID.fullmatch(incoming):
             request_id = incoming.decode("ascii")
         else:
-            request_id = uuid.uuid4().hex
+            request_id = os.urandom(16).hex()  # 128 random bits, as a uuid4 but cheaper
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         echoed = (_REQUEST_ID_HEADER, request_id.encode("ascii"))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from time import perf_counter
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -64,6 +65,9 @@ def method_label(method: str) -> str:
     return method if method in KNOWN_METHODS else "_OTHER"
 
 
+_CHILDREN: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+
 class MetricsMiddleware:
     """Counts and times every HTTP request under its route template; logs it at DEBUG."""
 
@@ -100,8 +104,17 @@ class MetricsMiddleware:
     def _record(scope: Scope, root_path: str, status: int, elapsed: float) -> None:
         route = route_template(scope, root_path) or UNMATCHED
         method = method_label(scope["method"])
-        HTTP_REQUESTS.labels(route, method, str(status)).inc()
-        HTTP_DURATION.labels(route, method).observe(elapsed)
+        key = (route, method, status)
+        children = _CHILDREN.get(key)
+        if children is None:
+            # `labels()` hashes and locks on every call; the label sets are few (templates,
+            # not paths), so keep their children.
+            children = _CHILDREN[key] = (
+                HTTP_REQUESTS.labels(route, method, str(status)),
+                HTTP_DURATION.labels(route, method),
+            )
+        children[0].inc()
+        children[1].observe(elapsed)
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "%s %s %s",
