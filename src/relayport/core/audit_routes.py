@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query
 from pydantic import BaseModel
 
 from relayport.core.audit import AuditEvent, AuditRepository
-from relayport.core.deps import Admin, SessionDep
+from relayport.core.deps import Admin, ReadSessionDep
 from relayport.core.schemas import ListResponse
 
 router = APIRouter(prefix="/v1", tags=["audit"])
@@ -31,7 +31,7 @@ class AuditEventOut(BaseModel):
 @router.get("/audit-events", response_model=ListResponse[AuditEventOut])
 async def list_audit_events(
     principal: Admin,
-    session: SessionDep,
+    session: ReadSessionDep,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     after: Annotated[str | None, Query(max_length=64)] = None,
     action: Annotated[str | None, Query(max_length=80)] = None,

@@ -73,19 +73,30 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cursor.close()
 
 
-def create_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> AsyncEngine:
+def create_engine(
+    url: str, *, pool_size: int = 10, echo: bool = False, read_only: bool = False
+) -> AsyncEngine:
+    """The engine for `url`; `read_only` makes the engine of `Database.reads`: autocommit
+    (no BEGIN/COMMIT round trips around a SELECT) and no reset when a connection goes back to
+    the pool, since autocommit leaves no transaction open."""
     parsed = make_url(url)
+    options: dict[str, Any] = {"echo": echo}
+    if read_only:
+        options.update(isolation_level="AUTOCOMMIT", pool_reset_on_return=None)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             # The data dir also holds the generated keys: private to the owner from the start.
             Path(parsed.database).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         engine = create_async_engine(
-            url, echo=echo, poolclass=NullPool if parsed.database == ":memory:" else None
+            url, poolclass=NullPool if parsed.database == ":memory:" else None, **options
         )
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
+    # Writes ping a pooled connection before use, so a database restart costs no failed write.
+    # Reads skip that round trip: after a restart one read per instance fails with a 503 and
+    # Retry-After (SQLAlchemy then drops every older connection), and a read is safe to retry.
     return create_async_engine(
-        url, echo=echo, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
+        url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=not read_only, **options
     )
 
 
@@ -96,6 +107,14 @@ class Database:
         self.url = url
         self.engine = create_engine(url, pool_size=pool_size)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False, autoflush=False)
+        # Sessions for requests that only read (GET routes): each statement runs on its own,
+        # without a transaction around it. An in-memory SQLite database exists once per
+        # connection, so there the reads must share the engine (and its transactions).
+        memory = make_url(url).get_backend_name() == "sqlite" and ":memory:" in url
+        self.read_engine = (
+            self.engine if memory else create_engine(url, pool_size=pool_size, read_only=True)
+        )
+        self.reads = async_sessionmaker(self.read_engine, expire_on_commit=False, autoflush=False)
 
     @property
     def dialect(self) -> str:
@@ -118,3 +137,5 @@ class Database:
 
     async def dispose(self) -> None:
         await self.engine.dispose()
+        if self.read_engine is not self.engine:
+            await self.read_engine.dispose()

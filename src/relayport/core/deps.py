@@ -43,6 +43,13 @@ async def _session(request: Request) -> AsyncIterator[AsyncSession]:
             _after_commit(session)
 
 
+async def _read_session(request: Request) -> AsyncIterator[AsyncSession]:
+    """A session for a request that only reads: no transaction, nothing to commit."""
+    platform: Platform = request.app.state.platform
+    async with platform.db.reads() as session:
+        yield session
+
+
 def after_commit(session: AsyncSession, callback: Callable[[], None]) -> None:
     """Run `callback` once the request's transaction has committed (e.g. drop a cache entry:
     doing it before the commit lets a concurrent request re-cache the old row)."""
@@ -55,6 +62,9 @@ def _after_commit(session: AsyncSession) -> None:
 
 
 SessionDep = Annotated[AsyncSession, Depends(_session, scope="function")]
+# For GET routes: every statement autocommits, so it must only read (a write through it would
+# not be one transaction with the request's other writes).
+ReadSessionDep = Annotated[AsyncSession, Depends(_read_session, scope="function")]
 
 
 def client_ip(request: Request) -> str | None:

@@ -22,7 +22,15 @@ from relayport.core.auth.schemas import (
     UserOut,
     UserUpdate,
 )
-from relayport.core.deps import Admin, PlatformDep, SessionDep, Viewer, after_commit, client_ip
+from relayport.core.deps import (
+    Admin,
+    PlatformDep,
+    ReadSessionDep,
+    SessionDep,
+    Viewer,
+    after_commit,
+    client_ip,
+)
 from relayport.core.errors import RateLimited
 from relayport.core.schemas import ListResponse
 from relayport.core.tenants import get_tenant
@@ -135,7 +143,7 @@ async def ping(principal: Viewer) -> dict[str, str]:
 
 
 @router.get("/me", response_model=MeResponse, tags=["auth"], summary="Who am I")
-async def me(principal: Viewer, session: SessionDep) -> dict[str, object]:
+async def me(principal: Viewer, session: ReadSessionDep) -> dict[str, object]:
     """The calling principal and its tenant. Role: viewer."""
     tenant = await get_tenant(session, principal.tenant_id)
     return {
@@ -148,7 +156,7 @@ async def me(principal: Viewer, session: SessionDep) -> dict[str, object]:
 
 @router.get("/users", response_model=ListResponse[UserOut], tags=["users"])
 async def list_users(
-    principal: Admin, session: SessionDep, limit: Limit = 50, after: After = None
+    principal: Admin, session: ReadSessionDep, limit: Limit = 50, after: After = None
 ) -> ListResponse[UserOut]:
     """Users of the caller's tenant, newest first. Role: admin."""
     page = await service.UserRepository(session, principal.tenant_id).page(limit=limit, after=after)
@@ -156,7 +164,7 @@ async def list_users(
 
 
 @router.get("/users/{user_id}", response_model=UserOut, tags=["users"])
-async def get_user(user_id: str, principal: Admin, session: SessionDep) -> UserOut:
+async def get_user(user_id: str, principal: Admin, session: ReadSessionDep) -> UserOut:
     """One user. Role: admin."""
     return _user(await service.UserRepository(session, principal.tenant_id).get(user_id))
 
@@ -207,7 +215,7 @@ async def create_api_key(
 
 @router.get("/api-keys", response_model=ListResponse[ApiKeyOut], tags=["api-keys"])
 async def list_api_keys(
-    principal: Admin, session: SessionDep, limit: Limit = 50, after: After = None
+    principal: Admin, session: ReadSessionDep, limit: Limit = 50, after: After = None
 ) -> ListResponse[ApiKeyOut]:
     """API keys of the tenant (never their secrets), newest first. Role: admin."""
     repo = service.ApiKeyRepository(session, principal.tenant_id)
@@ -216,7 +224,7 @@ async def list_api_keys(
 
 
 @router.get("/api-keys/{key_id}", response_model=ApiKeyOut, tags=["api-keys"])
-async def get_api_key(key_id: str, principal: Admin, session: SessionDep) -> ApiKeyOut:
+async def get_api_key(key_id: str, principal: Admin, session: ReadSessionDep) -> ApiKeyOut:
     """One API key. Role: admin."""
     return _key(await service.ApiKeyRepository(session, principal.tenant_id).get(key_id))
 
