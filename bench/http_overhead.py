@@ -509,7 +509,13 @@ async def measure(
             await child.wait()
         if spy is not None:
             await _stop_py_spy(spy)
-    part: dict[str, Any] = json.loads(output.decode().strip().splitlines()[-1])
+    last = output.decode().strip().splitlines()[-1] if output.strip() else ""
+    try:
+        part: dict[str, Any] = json.loads(last)
+    except ValueError:
+        raise BenchError(
+            f"load generator printed no result (last line {len(last)} chars: {last[-300:]!r})"
+        ) from None
     part["wall_s"] = wall_after - wall_before
     part["server_cpu_s"] = (
         None if cpu_before is None or cpu_after is None else cpu_after - cpu_before
