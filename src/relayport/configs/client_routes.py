@@ -235,7 +235,7 @@ async def _sse(
     )
 
 
-@router.websocket("/v1/client/stream")
+@router.websocket("/client/stream")
 async def client_websocket(
     websocket: WebSocket, since: Since = None, name: ClientName = None
 ) -> None:

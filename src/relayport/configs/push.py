@@ -56,29 +56,31 @@ SUBSCRIBERS, SLOW = _metrics()
 class Event:
     """One message to clients, encoded once per variant and transport, shared by all."""
 
-    __slots__ = ("_cache", "kind", "payloads", "revision")
+    __slots__ = ("_sse", "_text", "kind", "payloads", "revision")
 
     def __init__(self, kind: str, revision: int, redacted: dict[str, Any], full: dict[str, Any]):
         self.kind = kind
         self.revision = revision
+        # Index 0: secrets as commitments; index 1: secret values (for allowed clients).
         self.payloads = (orjson.dumps(redacted), orjson.dumps(full))
-        self._cache: dict[tuple[str, bool], Any] = {}
+        self._sse: list[bytes | None] = [None, None]
+        self._text: list[str | None] = [None, None]
 
     def json(self, secrets: bool) -> bytes:
         return self.payloads[secrets]
 
     def sse(self, secrets: bool) -> bytes:
-        hit = self._cache.get(("sse", secrets))
-        if hit is None:
+        frame = self._sse[secrets]
+        if frame is None:
             head = f"id: {self.revision}\nevent: {self.kind}\ndata: ".encode()
-            hit = self._cache[("sse", secrets)] = head + self.payloads[secrets] + b"\n\n"
-        return bytes(hit)
+            frame = self._sse[secrets] = head + self.payloads[secrets] + b"\n\n"
+        return frame
 
     def text(self, secrets: bool) -> str:
-        hit = self._cache.get(("ws", secrets))
-        if hit is None:
-            hit = self._cache[("ws", secrets)] = self.payloads[secrets].decode()
-        return str(hit)
+        text = self._text[secrets]
+        if text is None:
+            text = self._text[secrets] = self.payloads[secrets].decode()
+        return text
 
 
 class Subscriber:
@@ -225,10 +227,12 @@ class Channel:
 
     def catch_up(self, since: int | None) -> list[Event]:
         """What a client at `since` needs: nothing, the missed deltas, or a snapshot."""
-        if since is not None and since == self.revision:
+        if not since:  # a client with nothing gets the whole state, even an empty one
+            return [self.snapshot()]
+        if since == self.revision:
             return []
         oldest = self.recent[0].revision if self.recent else self.revision + 1
-        if since is not None and oldest - 1 <= since < self.revision:
+        if oldest - 1 <= since < self.revision:
             return [e for e in self.recent if e.revision > since]
         return [self.snapshot()]
 
