@@ -50,8 +50,10 @@ def _env(settings_kwargs: dict[str, Any], extra: dict[str, str]) -> dict[str, st
     return {**env, **extra}
 
 
-def start(settings_kwargs: dict[str, Any], tmp: Path, **extra: str) -> Server:
-    port = free_port()
+def start(
+    settings_kwargs: dict[str, Any], tmp: Path, port: int | None = None, **extra: str
+) -> Server:
+    port = port or free_port()
     log = tmp / f"server-{port}.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Header, Query, Request, Response, WebSocket
 from fastapi.responses import StreamingResponse
+from sqlalchemy.exc import IntegrityError
 from starlette.websockets import WebSocketDisconnect
 
 from relayport.configs import documents as docs
@@ -30,6 +32,7 @@ from relayport.core.errors import NotFound, Problem, Unauthorized
 from relayport.core.platform import Platform
 from relayport.core.pubsub import PubSubError, SubscriptionLost
 
+log = logging.getLogger("relayport.configs")
 router = APIRouter(prefix="/v1")
 Since = Annotated[int | None, Query(ge=0, le=2**31 - 1, description="The client's revision.")]
 ClientName = Annotated[
@@ -298,17 +301,22 @@ async def _acks(
             revision = int(message["revision"]) if message.get("type") == "ack" else None
         except (orjson.JSONDecodeError, TypeError, ValueError, KeyError, AttributeError):
             continue
-        if revision is None or name is None or revision < 1:
+        if revision is None or name is None or not 1 <= revision < 2**31:
             continue
-        try:
-            async with platform.db.transaction() as session:
-                await record_ack(
-                    session,
-                    principal.tenant_id,
-                    principal.environment_id,
-                    principal.id,
-                    name,
-                    revision,
-                )
-        except Problem:
-            continue
+        for attempt in range(2):  # the first ack may race the connect's insert of the client
+            try:
+                async with platform.db.transaction() as session:
+                    await record_ack(
+                        session,
+                        principal.tenant_id,
+                        principal.environment_id,
+                        principal.id,
+                        name,
+                        revision,
+                    )
+                break
+            except Problem:
+                break
+            except IntegrityError:
+                if attempt:
+                    log.warning("ack not recorded", extra={"event": "configs.ack_failed"})
