@@ -88,10 +88,10 @@ async def test_a_slow_subscriber_is_dropped_and_others_keep_receiving() -> None:
         event = Event("patch", revision, {"revision": revision}, {"revision": revision})
         slow.offer(event)
         fast.offer(event)
-        received += [e.revision for e in await fast.next(1)]
+        received += [e.revision for e in await fast.next()]
     assert received == list(range(1, 11))
     with pytest.raises(SubscriptionLost):
-        await slow.next(1)
+        await slow.next()
 
 
 def test_one_encoding_is_shared_by_every_subscriber() -> None:

@@ -8,7 +8,6 @@ client's revision (`since`, or SSE `Last-Event-ID`) and sends the missed deltas 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
@@ -183,10 +182,17 @@ async def client_stream(
     )
     hub, channel, subscriber, events = await _attach(platform, principal, since)
     try:
-        if not events:
-            with contextlib.suppress(SubscriptionLost):
-                events = await subscriber.next(timeout)
-            if subscriber.lost:  # fell behind while waiting: answer with the current state
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not events:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                break
+            try:
+                async with asyncio.timeout(left):
+                    events = [e for e in await subscriber.next() if e.kind != "heartbeat"]
+            except TimeoutError:
+                break
+            except SubscriptionLost:  # fell behind while waiting: answer with the current state
                 events = [channel.snapshot()]
     finally:
         hub.detach(channel, subscriber)
@@ -210,7 +216,6 @@ async def _sse(
     if principal.secrets and channel.pointers:
         _audit_secrets(platform, principal, channel.revision, client_ip(request))
     _track(platform, principal, name, "sse", True)
-    heartbeat = platform.settings.configs.heartbeat_interval_s
     secrets = principal.secrets
 
     async def frames() -> AsyncIterator[bytes]:
@@ -219,14 +224,11 @@ async def _sse(
             yield b": connected\n\n" + b"".join(e.sse(secrets) for e in first)
             while True:
                 try:
-                    events = await subscriber.next(heartbeat)
+                    events = await subscriber.next()
                 except SubscriptionLost:
-                    yield b'event: resync\ndata: {"reason":"slow consumer"}\n\n'
+                    yield b'event: resync\ndata: {"reason":"reconnect"}\n\n'
                     return
-                if events:
-                    yield b"".join(e.sse(secrets) for e in events)
-                else:
-                    yield b'event: heartbeat\ndata: {"revision":%d}\n\n' % channel.revision
+                yield b"".join(e.sse(secrets) for e in events)
         finally:
             hub.detach(channel, subscriber)
             _track(platform, principal, name, "sse", False)
@@ -262,21 +264,22 @@ async def client_websocket(
         _audit_secrets(platform, principal, channel.revision, ip)
     _track(platform, principal, name, "websocket", True)
     reader = asyncio.get_running_loop().create_task(_acks(websocket, platform, principal, name))
+    # The client hung up: wake the writer at once rather than at the next heartbeat.
+    reader.add_done_callback(lambda _: subscriber.drop())
     secrets = principal.secrets
-    heartbeat = platform.settings.configs.heartbeat_interval_s
     try:
         for event in first:
             await websocket.send_text(event.text(secrets))
         while not reader.done():
             try:
-                events = await subscriber.next(heartbeat)
+                events = await subscriber.next()
             except SubscriptionLost:
+                if reader.done():
+                    return
                 # 1012: the server is restarting; 4000: this client fell behind. Both: reconnect.
                 code = 1012 if websocket.app.state.draining else 4000
                 await websocket.close(code=code, reason="reconnect")
                 return
-            if not events:
-                await websocket.send_text(f'{{"type":"heartbeat","revision":{channel.revision}}}')
             for event in events:
                 await websocket.send_text(event.text(secrets))
     except (WebSocketDisconnect, RuntimeError):

@@ -15,7 +15,6 @@ live and its state loaded: every later version reaches its queue, none twice.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import deque
 from collections.abc import Callable
@@ -72,7 +71,9 @@ class Event:
     def sse(self, secrets: bool) -> bytes:
         frame = self._sse[secrets]
         if frame is None:
-            head = f"id: {self.revision}\nevent: {self.kind}\ndata: ".encode()
+            # Heartbeats carry no id: Last-Event-ID must only ever name a version.
+            tag = "" if self.kind == "heartbeat" else f"id: {self.revision}\n"
+            head = f"{tag}event: {self.kind}\ndata: ".encode()
             frame = self._sse[secrets] = head + self.payloads[secrets] + b"\n\n"
         return frame
 
@@ -84,16 +85,21 @@ class Event:
 
 
 class Subscriber:
-    """A bounded queue of events; overflowing it marks the subscriber lost (to resync)."""
+    """A bounded queue of events; overflowing it marks the subscriber lost (to resync).
 
-    __slots__ = ("_items", "_wake", "bound", "lost", "secrets")
+    Waiting is a bare future, not `asyncio.Event` + `wait_for`: with 10,000 subscribers a task
+    and a timer per subscriber per event would cost more than the sends. Heartbeats come from
+    the hub's ticker as shared events, so no subscriber needs a timer of its own.
+    """
+
+    __slots__ = ("_items", "_waiter", "bound", "lost", "secrets")
 
     def __init__(self, secrets: bool, bound: int) -> None:
         self.secrets = secrets
         self.bound = bound
         self.lost = False
         self._items: deque[Event] = deque()
-        self._wake = asyncio.Event()
+        self._waiter: asyncio.Future[None] | None = None
 
     def offer(self, event: Event) -> None:
         if self.lost:
@@ -105,18 +111,25 @@ class Subscriber:
             SLOW.inc()
         else:
             self._items.append(event)
-        self._wake.set()
+        self._wake()
 
     def drop(self) -> None:
         self.lost = True
-        self._wake.set()
+        self._wake()
 
-    async def next(self, idle_s: float) -> list[Event]:
-        """Queued events ([] after `idle_s` idle seconds); raises `SubscriptionLost`."""
-        if not self._items and not self.lost:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), idle_s)
-        self._wake.clear()
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def next(self) -> list[Event]:
+        """The queued events, waiting for at least one; raises `SubscriptionLost`."""
+        while not self._items and not self.lost:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
         if self.lost:
             raise SubscriptionLost("subscriber fell behind")
         items = list(self._items)
@@ -282,7 +295,8 @@ class Hub:
             self._ticker = asyncio.get_running_loop().create_task(self._tick())
 
     async def _tick(self) -> None:
-        """Periodic sync of every channel: bounds the delay of a lost announcement."""
+        """Every interval: sync each channel (bounding the delay of a lost announcement), then
+        one shared heartbeat event to all its subscribers."""
         interval = self.platform.settings.configs.heartbeat_interval_s
         while self.channels:
             await asyncio.sleep(interval)
@@ -291,6 +305,10 @@ class Hub:
                     await channel.sync()
                 except Exception:  # the next tick retries; a stream must not die of it
                     log.exception("config sync failed", extra={"event": "configs.sync_failed"})
+                beat = {"type": "heartbeat", "revision": channel.revision}
+                heartbeat = Event("heartbeat", channel.revision, beat, beat)
+                for subscriber in tuple(channel.subscribers):
+                    subscriber.offer(heartbeat)
 
     def watch(self, app: Any) -> None:
         """End every stream once the app starts draining, so shutdown does not wait on them."""
