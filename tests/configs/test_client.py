@@ -56,6 +56,9 @@ async def test_client_applies_verifies_calls_back_acks_and_restarts_from_cache(
             await asyncio.sleep(0.05)
         assert prop["acked"] == 1
     assert cache.stat().st_mode & 0o777 == 0o600
+    # The server logged at DEBUG (SQL parameters included) and still never the secret.
+    assert "s3cret" not in server.output()
+    assert '"level":"DEBUG"' in server.output()
     # Offline start: nothing listens at this URL, the cache answers.
     offline = AsyncConfigClient("http://127.0.0.1:9", key, cache_path=cache)
     assert offline.revision == 2

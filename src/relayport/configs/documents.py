@@ -145,28 +145,38 @@ def secret_pointers(schema: Any, value: Any) -> list[str]:
 # --- schemas ---------------------------------------------------------------------------------
 
 
-def _validator(schema: Any) -> Draft7Validator | Draft202012Validator:
-    draft7 = isinstance(schema, dict) and schema.get("$schema") in DRAFT7
-    cls = Draft7Validator if draft7 else Draft202012Validator
-    return cls(schema, format_checker=FormatChecker())
+def _draft(schema: Any) -> type[Draft7Validator] | type[Draft202012Validator]:
+    declared = schema.get("$schema") if isinstance(schema, dict) else None
+    return (
+        Draft7Validator
+        if isinstance(declared, str) and declared in DRAFT7
+        else Draft202012Validator
+    )
 
 
 def schema_errors(schema: Any) -> list[dict[str, str]]:
     """Why `schema` is not a valid JSON Schema (draft 7 when it says so, else 2020-12)."""
     if not isinstance(schema, dict | bool):
         return [{"pointer": "", "message": "a schema is an object or a boolean"}]
-    draft7 = isinstance(schema, dict) and schema.get("$schema") in DRAFT7
-    cls = Draft7Validator if draft7 else Draft202012Validator
     try:
-        cls.check_schema(schema)
+        _draft(schema).check_schema(schema)
     except SchemaError as exc:
         return [{"pointer": pointer(*exc.absolute_path), "message": exc.message}]
     return []
 
 
 def violations(schema: Any, value: Any) -> list[dict[str, str]]:
-    """Every place `value` breaks `schema`, as JSON pointers into the value, in order."""
-    errors = sorted(_validator(schema).iter_errors(value), key=lambda e: list(map(str, e.path)))
+    """Every place `value` breaks `schema`, as JSON pointers into the value, in order.
+
+    A schema that is valid yet cannot be applied (a remote or dangling `$ref`: nothing is ever
+    fetched) is reported as one violation at the root rather than an error.
+    """
+    validator = _draft(schema)(schema, format_checker=FormatChecker())
+    try:
+        errors = sorted(validator.iter_errors(value), key=lambda e: list(map(str, e.path)))
+    except Exception as exc:  # referencing errors and the like: refuse, never crash
+        return [{"pointer": "", "message": f"schema cannot be applied: {type(exc).__name__}",
+                 "keyword": "$ref"}]  # fmt: skip
     return [
         {"pointer": pointer(*e.absolute_path), "message": e.message, "keyword": str(e.validator)}
         for e in errors

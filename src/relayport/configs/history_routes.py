@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Path, Query, Request, Response
 
 from relayport.configs import documents as docs
 from relayport.configs import service
@@ -33,6 +33,7 @@ from relayport.core.schemas import ListResponse
 
 router = APIRouter(prefix="/v1")
 Revision = Annotated[int, Query(ge=0, le=2**31 - 1)]
+RevisionPath = Annotated[int, Path(ge=0, le=2**31 - 1)]
 
 
 def version_out(v: Version) -> VersionOut:
@@ -83,7 +84,7 @@ async def list_versions(
 @router.get(ENV + "/versions/{revision}", response_model=VersionDetail, tags=["configs"])
 async def get_version(
     env: EnvDep,
-    revision: int,
+    revision: RevisionPath,
     request: Request,
     principal: Viewer,
     session: SessionDep,
@@ -145,7 +146,7 @@ async def verify(env: EnvDep, principal: Viewer, session: SessionDep) -> VerifyO
 
 @router.get(ENV + "/versions/{revision}/propagation", response_model=Propagation, tags=["configs"])
 async def propagation(
-    env: EnvDep, revision: int, principal: Viewer, session: SessionDep
+    env: EnvDep, revision: RevisionPath, principal: Viewer, session: SessionDep
 ) -> Propagation:
     """Connected clients, how many acknowledged this revision (or a later one), and p50/p99
     from commit to acknowledgement. Role: viewer."""

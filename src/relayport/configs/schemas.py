@@ -75,7 +75,7 @@ class EnvironmentConfig(BaseModel):
 
 
 class Rollback(Strict):
-    to_revision: int = Field(ge=1)
+    to_revision: int = Field(ge=1, le=2**31 - 1)
     message: Message = ""
 
 

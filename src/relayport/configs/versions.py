@@ -155,7 +155,14 @@ async def commit(
     full, schemas, changed = mutate(head)
     pointers: list[str] = []
     for key, value in full.items():
-        if len(docs.canonical(value)) > max_value_bytes:
+        try:
+            size = len(docs.canonical([value, schemas.get(key)]))
+        except ValueError:  # NaN or Infinity: JSON has no spelling for them
+            raise ValidationFailed(
+                f"{key!r} holds a number JSON cannot represent (NaN or Infinity)",
+                errors=[{"pointer": "/value", "message": "not JSON-compliant"}],
+            ) from None
+        if size > max_value_bytes:
             raise Problem(
                 f"the value of {key!r} is over {max_value_bytes} bytes",
                 status=413,
