@@ -145,13 +145,11 @@ def secret_pointers(schema: Any, value: Any) -> list[str]:
 # --- schemas ---------------------------------------------------------------------------------
 
 
-def _draft(schema: Any) -> type[Draft7Validator] | type[Draft202012Validator]:
+def _draft(schema: Any) -> Any:
+    """The validator class: draft 7 when the schema says so, else draft 2020-12."""
     declared = schema.get("$schema") if isinstance(schema, dict) else None
-    return (
-        Draft7Validator
-        if isinstance(declared, str) and declared in DRAFT7
-        else Draft202012Validator
-    )
+    draft7 = isinstance(declared, str) and declared in DRAFT7
+    return Draft7Validator if draft7 else Draft202012Validator
 
 
 def schema_errors(schema: Any) -> list[dict[str, str]]:
