@@ -67,8 +67,8 @@ async def test_patch_rollback_promote_diff_verify(
     await put(client, account, base, "limits", {"value": {"limit": 5}, "schema": SCHEMA})
     patched = await client.patch(
         f"{base}/configs/limits",
-        json=[{"op": "replace", "path": "/limit", "value": 9}],
-        headers=account.headers,
+        content=b'[{"op": "replace", "path": "/limit", "value": 9}]',
+        headers={**account.headers, "content-type": "application/json-patch+json"},
     )
     assert patched.status_code == 200, patched.text
     assert patched.json()["revision"] == 2

@@ -14,6 +14,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 
 from relayport.core.crypto import KeyRing
 from relayport.core.crypto_rotation import rewrap_all
@@ -125,3 +126,13 @@ async def test_concurrent_writers_with_one_etag_exactly_one_wins(
     env = (await client.get(base, headers=account.headers)).json()
     assert env["revision"] == 8
     assert (await client.get(f"{base}/verify", headers=account.headers)).json()["ok"] is True
+
+
+async def test_versions_are_append_only_in_the_database(
+    app: FastAPI, client: httpx.AsyncClient, account: Account
+) -> None:
+    await _db_setup(client, account)
+    for sql in ("UPDATE config_versions SET message = 'forged'", "DELETE FROM config_versions"):
+        with pytest.raises(DBAPIError, match="append-only"):
+            async with app.state.platform.db.engine.begin() as conn:
+                await conn.execute(text(sql))
