@@ -1,5 +1,14 @@
 """Every table of the platform, imported in one place so Alembic and tests see them all."""
 
+from relayport.configs.models import (
+    Ack,
+    ClientKey,
+    ConfigClient,
+    Environment,
+    Project,
+    Version,
+    VersionSecrets,
+)
 from relayport.core.audit import AuditEvent
 from relayport.core.auth.models import ApiKey, RefreshToken, User
 from relayport.core.outbox import OutboxMessage
@@ -7,14 +16,21 @@ from relayport.core.tenants import Tenant
 from relayport.ingest.models import InboxEvent, Job, Rejection, Source
 
 __all__ = [
+    "Ack",
     "ApiKey",
     "AuditEvent",
+    "ClientKey",
+    "ConfigClient",
+    "Environment",
     "InboxEvent",
     "Job",
     "OutboxMessage",
+    "Project",
     "RefreshToken",
     "Rejection",
     "Source",
     "Tenant",
     "User",
+    "Version",
+    "VersionSecrets",
 ]

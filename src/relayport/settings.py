@@ -163,6 +163,16 @@ class DeliverySettings(BaseModel):
 class ConfigsSettings(BaseModel):
     """Live configuration: push streams, heartbeats, the recent-version buffer."""
 
+    # Idle streams get a heartbeat this often (proxies close silent connections near 60 s).
+    heartbeat_interval_s: float = Field(default=15.0, gt=0, le=300)
+    # Versions kept per environment in each process to answer reconnects with a delta;
+    # a client further behind gets a snapshot.
+    recent_versions: int = Field(default=64, ge=1, le=10_000)
+    long_poll_max_wait_s: float = Field(default=30.0, gt=0, le=300)
+    # Events queued per subscriber before it counts as slow and is disconnected to resync.
+    subscriber_queue: int = Field(default=256, ge=1, le=100_000)
+    max_value_bytes: int = Field(default=262_144, ge=1024, le=16_777_216)
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(

@@ -11,6 +11,7 @@ import re
 import httpx
 from fastapi import FastAPI
 
+from tests.configs.helpers import tenant_resources
 from tests.conftest import Account, signup
 from tests.ingest.conftest import create_source, deliver
 
@@ -31,6 +32,7 @@ async def _tenant_b_resources(client: httpx.AsyncClient, b: Account) -> dict[str
         "source_id": source["id"],
         "event_id": event.json()["event_id"],
         "job_id": jobs.json()["data"][0]["id"],
+        **await tenant_resources(client, b),
     }
 
 

@@ -1,0 +1,352 @@
+"""Live push: one hub per process fans each new version out to its local subscribers.
+
+A commit announces `{env, revision}` on the platform pub/sub (Redis when scaled out) after the
+transaction commits. Each process that has subscribers for that environment reads the new
+versions from the database once (secrets never travel through Redis), encodes each event once
+per variant (with or without secret values) and hands the same bytes to every subscriber.
+
+Ordering and gaps: a channel applies versions strictly in revision order, reading every version
+after the last one it applied, so an announcement that arrives late, twice or never (a lost
+publish is caught by the periodic sync) leaves no subscriber on a gap. A subscriber is attached
+and its catch-up computed in one synchronous step, after the channel's pub/sub subscription is
+live and its state loaded: every later version reaches its queue, none twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from relayport.configs import documents as docs
+from relayport.configs.repository import EnvironmentRepository, VersionRepository
+from relayport.configs.versions import meta_of, state_from
+from relayport.core.deps import after_commit
+from relayport.core.platform import Platform
+from relayport.core.pubsub import PubSubError, SubscriptionLost
+from relayport.core.telemetry import REGISTRY
+
+log = logging.getLogger("relayport.configs")
+HUB = "configs.hub"
+CHANNEL = "configs.env."
+
+
+def _metrics() -> tuple[Any, Any]:
+    from prometheus_client import Counter, Gauge
+
+    return (
+        Gauge("relayport_config_subscribers", "Live configuration subscribers", registry=REGISTRY),
+        Counter(
+            "relayport_config_slow_consumers_total",
+            "Subscribers disconnected for falling behind",
+            registry=REGISTRY,
+        ),
+    )
+
+
+SUBSCRIBERS, SLOW = _metrics()
+
+
+class Event:
+    """One message to clients, encoded once per variant and transport, shared by all."""
+
+    __slots__ = ("_sse", "_text", "kind", "payloads", "revision")
+
+    def __init__(self, kind: str, revision: int, redacted: dict[str, Any], full: dict[str, Any]):
+        self.kind = kind
+        self.revision = revision
+        # Index 0: secrets as commitments; index 1: secret values (for allowed clients).
+        self.payloads = (orjson.dumps(redacted), orjson.dumps(full))
+        self._sse: list[bytes | None] = [None, None]
+        self._text: list[str | None] = [None, None]
+
+    def json(self, secrets: bool) -> bytes:
+        return self.payloads[secrets]
+
+    def sse(self, secrets: bool) -> bytes:
+        frame = self._sse[secrets]
+        if frame is None:
+            # Heartbeats carry no id: Last-Event-ID must only ever name a version.
+            tag = "" if self.kind == "heartbeat" else f"id: {self.revision}\n"
+            head = f"{tag}event: {self.kind}\ndata: ".encode()
+            frame = self._sse[secrets] = head + self.payloads[secrets] + b"\n\n"
+        return frame
+
+    def text(self, secrets: bool) -> str:
+        text = self._text[secrets]
+        if text is None:
+            text = self._text[secrets] = self.payloads[secrets].decode()
+        return text
+
+
+class Subscriber:
+    """A bounded queue of events; overflowing it marks the subscriber lost (to resync).
+
+    Waiting is a bare future, not `asyncio.Event` + `wait_for`: with 10,000 subscribers a task
+    and a timer per subscriber per event would cost more than the sends. Heartbeats come from
+    the hub's ticker as shared events, so no subscriber needs a timer of its own.
+    """
+
+    __slots__ = ("_items", "_waiter", "bound", "lost", "secrets")
+
+    def __init__(self, secrets: bool, bound: int) -> None:
+        self.secrets = secrets
+        self.bound = bound
+        self.lost = False
+        self._items: deque[Event] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+
+    def offer(self, event: Event) -> None:
+        if self.lost:
+            return
+        if len(self._items) >= self.bound:
+            # Never block the fan-out on one reader: drop it, it reconnects and resyncs.
+            self.lost = True
+            self._items.clear()
+            SLOW.inc()
+        else:
+            self._items.append(event)
+        self._wake()
+
+    def drop(self) -> None:
+        self.lost = True
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def next(self) -> list[Event]:
+        """The queued events, waiting for at least one; raises `SubscriptionLost`."""
+        while not self._items and not self.lost:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        if self.lost:
+            raise SubscriptionLost("subscriber fell behind")
+        items = list(self._items)
+        self._items.clear()
+        return items
+
+
+class Channel:
+    """The subscribers of one environment in this process and its recent versions."""
+
+    def __init__(self, hub: Hub, tenant_id: str, env_id: str) -> None:
+        self.hub = hub
+        self.tenant_id = tenant_id
+        self.env_id = env_id
+        self.subscribers: set[Subscriber] = set()
+        self.revision = 0
+        self.hash = ""
+        self.stored: dict[str, Any] = {}
+        self.full: dict[str, Any] = {}
+        self.pointers: list[str] = []
+        self.previous = ""
+        self.meta = ""
+        self.recent: deque[Event] = deque(maxlen=hub.recent)
+        self.ready = asyncio.Event()
+        self.failed: BaseException | None = None
+        self._lock = asyncio.Lock()
+        self.task = asyncio.get_running_loop().create_task(self._pump())
+
+    async def _pump(self) -> None:
+        pubsub = self.hub.platform.pubsub
+        while True:
+            try:
+                async with pubsub.subscribe(CHANNEL + self.env_id) as subscription:
+                    await self.sync()  # after the subscription is live: nothing falls between
+                    self.ready.set()
+                    async for _ in subscription:
+                        await self.sync()
+                return  # pub/sub closed: the process is stopping
+            except (SubscriptionLost, PubSubError) as exc:
+                log.warning(
+                    "config channel resubscribing",
+                    extra={"event": "configs.resubscribe", "environment": self.env_id},
+                )
+                if not self.ready.is_set():
+                    self.failed = exc
+                    self.ready.set()
+                    return
+                await asyncio.sleep(0.2)
+
+    async def sync(self) -> None:
+        """Apply every committed version after the last applied one, in order."""
+        async with self._lock, self.hub.platform.db.sessions() as session:
+            await self._sync(session)
+
+    async def _sync(self, session: AsyncSession) -> None:
+        keyring = self.hub.platform.keyring
+        versions = VersionRepository(session, self.tenant_id)
+        if self.revision == 0 and not self.ready.is_set():
+            env = await EnvironmentRepository(session, self.tenant_id).find(self.env_id)
+            head = env.revision if env else 0
+            # Start far enough back to fill the buffer for reconnects with a delta.
+            self.revision = max(0, head - self.hub.recent)
+            if self.revision:
+                start = await versions.at(self.env_id, self.revision)
+                if start is not None:
+                    state = await state_from(session, keyring, start, with_secrets=True)
+                    self.hash, self.stored, self.full = state.hash, state.stored, state.full()
+                    self.pointers = state.pointers
+                    self.previous, self.meta = start.previous_hash, meta_of(start)
+        for version in await versions.between(self.env_id, self.revision, 2**31 - 1):
+            state = await state_from(session, keyring, version, with_secrets=True)
+            full = state.full()
+            base = {
+                "type": "patch",
+                "revision": version.revision,
+                "hash": version.hash,
+                "previous": version.previous_hash,
+                "meta": meta_of(version),
+            }
+            commitments = docs.commitments_of(state.stored)
+            event = Event(
+                "patch",
+                version.revision,
+                base | {"patch": docs.diff(self.stored, state.stored)},
+                base | {"patch": docs.diff(self.full, full), "commitments": commitments},
+            )
+            self.revision, self.hash = version.revision, version.hash
+            self.stored, self.full, self.pointers = state.stored, full, state.pointers
+            self.previous, self.meta = version.previous_hash, str(base["meta"])
+            self.recent.append(event)
+            for subscriber in tuple(self.subscribers):
+                subscriber.offer(event)
+
+    def snapshot(self) -> Event:
+        base = {
+            "type": "snapshot",
+            "revision": self.revision,
+            "hash": self.hash,
+            "previous": self.previous,
+            "meta": self.meta,
+        }
+        return Event(
+            "snapshot",
+            self.revision,
+            base | {"config": self.stored},
+            base | {"config": self.full, "commitments": docs.commitments_of(self.stored)},
+        )
+
+    def catch_up(self, since: int | None) -> list[Event]:
+        """What a client at `since` needs: nothing, the missed deltas, or a snapshot."""
+        if not since:  # a client with nothing gets the whole state, even an empty one
+            return [self.snapshot()]
+        if since == self.revision:
+            return []
+        oldest = self.recent[0].revision if self.recent else self.revision + 1
+        if oldest - 1 <= since < self.revision:
+            return [e for e in self.recent if e.revision > since]
+        return [self.snapshot()]
+
+
+class Hub:
+    def __init__(self, platform: Platform) -> None:
+        self.platform = platform
+        settings = platform.settings.configs
+        self.recent = settings.recent_versions
+        self.bound = settings.subscriber_queue
+        self.channels: dict[str, Channel] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._ticker: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+
+    async def attach(
+        self, tenant_id: str, env_id: str, *, secrets: bool, since: int | None
+    ) -> tuple[Channel, Subscriber, list[Event]]:
+        channel = self.channels.get(env_id)
+        if channel is None or channel.task.done():
+            channel = self.channels[env_id] = Channel(self, tenant_id, env_id)
+        await channel.ready.wait()
+        if channel.failed is not None:
+            self.channels.pop(env_id, None)
+            raise PubSubError("live configuration is unavailable") from channel.failed
+        if since is not None and since > channel.revision:
+            # The client saw a version this process has not applied yet (it was announced
+            # elsewhere first): catch up rather than send it an older snapshot.
+            await channel.sync()
+        self._ensure_ticker()
+        # No await from here to the return: attach and catch-up see the same channel state.
+        subscriber = Subscriber(secrets, self.bound)
+        channel.subscribers.add(subscriber)
+        SUBSCRIBERS.inc()
+        return channel, subscriber, channel.catch_up(since)
+
+    def detach(self, channel: Channel, subscriber: Subscriber) -> None:
+        if subscriber in channel.subscribers:
+            channel.subscribers.discard(subscriber)
+            SUBSCRIBERS.dec()
+        if not channel.subscribers and self.channels.get(channel.env_id) is channel:
+            del self.channels[channel.env_id]
+            channel.task.cancel()
+
+    def _ensure_ticker(self) -> None:
+        if self._ticker is None or self._ticker.done():
+            self._ticker = asyncio.get_running_loop().create_task(self._tick())
+
+    async def _tick(self) -> None:
+        """Every interval: sync each channel (bounding the delay of a lost announcement), then
+        one shared heartbeat event to all its subscribers."""
+        interval = self.platform.settings.configs.heartbeat_interval_s
+        while self.channels:
+            await asyncio.sleep(interval)
+            for channel in list(self.channels.values()):
+                try:
+                    await channel.sync()
+                except Exception:  # the next tick retries; a stream must not die of it
+                    log.exception("config sync failed", extra={"event": "configs.sync_failed"})
+                beat = {"type": "heartbeat", "revision": channel.revision}
+                heartbeat = Event("heartbeat", channel.revision, beat, beat)
+                for subscriber in tuple(channel.subscribers):
+                    subscriber.offer(heartbeat)
+
+    def watch(self, app: Any) -> None:
+        """End every stream once the app starts draining, so shutdown does not wait on them."""
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.get_running_loop().create_task(self._watch(app))
+
+    async def _watch(self, app: Any) -> None:
+        # The lifespan only flips a flag when draining starts; polling it from one task per
+        # process is cheaper than waking every stream.
+        while not app.state.draining:  # noqa: ASYNC110
+            await asyncio.sleep(0.25)
+        for channel in list(self.channels.values()):
+            for subscriber in tuple(channel.subscribers):
+                subscriber.drop()
+
+    def spawn(self, work: Callable[[], Any]) -> None:
+        task = asyncio.get_running_loop().create_task(work())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+def hub_of(platform: Platform) -> Hub:
+    hub = platform.extras.get(HUB)
+    if hub is None:
+        hub = platform.extras[HUB] = Hub(platform)
+    return hub
+
+
+def announce(platform: Platform, session: AsyncSession, env_id: str) -> None:
+    """Publish `env_id` changed once the request's transaction has committed."""
+
+    def publish() -> None:
+        async def run() -> None:
+            try:
+                await platform.pubsub.publish(CHANNEL + env_id, env_id.encode())
+            except PubSubError:  # subscribers catch up at the next periodic sync
+                log.warning("config announce failed", extra={"event": "configs.announce_failed"})
+
+        hub_of(platform).spawn(run)
+
+    after_commit(session, publish)

@@ -1,0 +1,156 @@
+"""relayport.client against a real server: verification, callbacks, acks, cache, reconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from relayport.client import AsyncConfigClient, ChainError, ConfigClient
+from relayport.client.core import apply_message, backoff
+from tests.configs.conftest import Server, start
+from tests.configs.helpers import client_key, env_path, environment, project, put
+from tests.conftest import Account, signup
+
+SECRET_SCHEMA = {"type": "object", "properties": {"pw": {"type": "string", "x-secret": True}}}
+
+
+async def _setup(
+    server: Server, *, secrets: bool = False
+) -> tuple[httpx.AsyncClient, Account, str, str]:
+    http = httpx.AsyncClient(base_url=server.url, timeout=10)
+    account = await signup(http)
+    pid = await project(http, account)
+    base = env_path(pid, await environment(http, account, pid, "prod"))
+    return http, account, base, await client_key(http, account, base, secrets=secrets)
+
+
+async def test_client_applies_verifies_calls_back_acks_and_restarts_from_cache(
+    servers: list[Server], settings_kwargs: dict[str, Any], tmp_path: Path
+) -> None:
+    server = start(settings_kwargs, tmp_path)
+    servers.append(server)
+    http, account, base, key = await _setup(server, secrets=True)
+    await put(http, account, base, "db", {"value": {"pw": "s3cret"}, "schema": SECRET_SCHEMA})
+    cache = tmp_path / "cfg.json"
+    changes: list[tuple[Any, int]] = []
+    async with AsyncConfigClient(server.url, key, name="pod-1", cache_path=cache) as cfg:
+        cfg.on_change(lambda old, new, revision: changes.append((new.get("flag"), revision)))
+        await cfg.wait_for(1)
+        assert cfg.get("db") == {"pw": "s3cret"}  # a secret-reading key, verified by commitments
+        await put(http, account, base, "flag", {"value": True})
+        await cfg.wait_for(2)
+        assert cfg.get("flag") is True
+        assert changes == [(None, 1), (True, 2)]
+        deadline = asyncio.get_running_loop().time() + 10
+        while asyncio.get_running_loop().time() < deadline:
+            prop = (
+                await http.get(f"{base}/versions/2/propagation", headers=account.headers)
+            ).json()
+            if prop["acked"] == 1:
+                break
+            await asyncio.sleep(0.05)
+        assert prop["acked"] == 1
+    assert cache.stat().st_mode & 0o777 == 0o600
+    # The server logged at DEBUG (SQL parameters included) and still never the secret.
+    assert "s3cret" not in server.output()
+    assert '"level":"DEBUG"' in server.output()
+    # Offline start: nothing listens at this URL, the cache answers.
+    offline = AsyncConfigClient("http://127.0.0.1:9", key, cache_path=cache)
+    assert offline.revision == 2
+    assert offline.get("flag") is True
+    # A tampered cache is refused rather than trusted.
+    doc = json.loads(cache.read_text())
+    doc["config"]["flag"] = False
+    cache.write_text(json.dumps(doc))
+    assert AsyncConfigClient("http://127.0.0.1:9", key, cache_path=cache).revision == 0
+    await http.aclose()
+
+
+async def test_client_reconnects_and_resumes_after_a_server_restart(
+    servers: list[Server], settings_kwargs: dict[str, Any], tmp_path: Path
+) -> None:
+    server = start(settings_kwargs, tmp_path)
+    servers.append(server)
+    http, account, base, key = await _setup(server)
+    await put(http, account, base, "n", {"value": 1})
+    cfg = AsyncConfigClient(server.url, key, backoff_base_s=0.05, backoff_max_s=0.5)
+    await cfg.start()
+    await cfg.wait_for(1)
+    server.proc.terminate()
+    server.proc.wait(15)
+    again = start(settings_kwargs, tmp_path, port=server.port)
+    servers.append(again)
+    http2 = httpx.AsyncClient(base_url=again.url, timeout=10)
+    for n in (2, 3):
+        await put(http2, account, base, "n", {"value": n})
+    await cfg.wait_for(3, timeout_s=15)
+    assert cfg.get("n") == 3
+    assert cfg.reconnects >= 1
+    await cfg.close()
+    await http.aclose()
+    await http2.aclose()
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+def test_sync_client_follows_changes(
+    backend: str, servers: list[Server], settings_kwargs: dict[str, Any], tmp_path: Path
+) -> None:
+    server = start(settings_kwargs, tmp_path)
+    servers.append(server)
+
+    async def setup() -> tuple[Account, str, str]:
+        http, account, base, key = await _setup(server)
+        await put(http, account, base, "mode", {"value": "a"})
+        await http.aclose()
+        return account, base, key
+
+    account, base, key = asyncio.run(setup())
+    with ConfigClient(server.url, key) as cfg:
+        cfg.wait_for(1)
+        assert cfg.get("mode") == "a"
+        httpx.put(
+            f"{server.url}{base}/configs/mode", json={"value": "b"}, headers=account.headers
+        ).raise_for_status()
+        cfg.wait_for(2)
+        assert cfg.get("mode") == "b"
+
+
+def test_a_patch_that_breaks_the_chain_is_refused() -> None:
+    from relayport.client.core import Snapshot
+
+    with pytest.raises(ChainError):
+        apply_message(
+            Snapshot(revision=1, hash="a" * 64),
+            {
+                "type": "patch",
+                "revision": 2,
+                "previous": "b" * 64,
+                "meta": "",
+                "hash": "",
+                "patch": [],
+            },
+        )
+    with pytest.raises(ChainError):
+        apply_message(
+            Snapshot(),
+            {
+                "type": "snapshot",
+                "revision": 5,
+                "previous": "",
+                "meta": "",
+                "hash": "0" * 64,
+                "config": {"a": 1},
+            },
+        )
+
+
+def test_backoff_is_jittered_and_capped() -> None:
+    values = [backoff(10, 0.1, 2.0) for _ in range(200)]
+    assert max(values) <= 2.0
+    assert min(values) >= 0
+    assert len(set(values)) > 100
