@@ -4,13 +4,19 @@ from relayport.core.audit import AuditEvent
 from relayport.core.auth.models import ApiKey, RefreshToken, User
 from relayport.core.outbox import OutboxMessage
 from relayport.core.tenants import Tenant
+from relayport.delivery.models import Attempt, Delivery, Endpoint, EventType, Message
 from relayport.ingest.models import InboxEvent, Job, Rejection, Source
 
 __all__ = [
     "ApiKey",
+    "Attempt",
     "AuditEvent",
+    "Delivery",
+    "Endpoint",
+    "EventType",
     "InboxEvent",
     "Job",
+    "Message",
     "OutboxMessage",
     "RefreshToken",
     "Rejection",
