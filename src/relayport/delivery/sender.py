@@ -176,9 +176,7 @@ async def _deliver(
         ),
     }
     outcome = Outcome(delivery_id, endpoint.id, message, attempt, "succeeded", now, probe=probe)
-    urls = transport.urls(
-        endpoint.id, [endpoint.url, *endpoint.fallback_urls], endpoint.routing, attempt
-    )
+    urls = transport.urls(endpoint.id, [endpoint.url, *endpoint.fallback_urls], endpoint.routing)
     for url in urls:
         result = await transport.post(url, message.body, headers)
         outcome.results.append(result)

@@ -54,6 +54,7 @@ class Transport:
         self.slots = asyncio.Semaphore(settings.concurrency)
         self.windows: dict[str, FailureWindow] = {}
         self.arms: dict[str, dict[str, routing.ArmStats]] = {}
+        self.turns: dict[str, int] = {}
         self.rng = random.Random()
         # (endpoint id, updated_at) -> (valid until, HMAC keys, Ed25519 seeds)
         self.keys: dict[tuple[str, dt.datetime], tuple[dt.datetime, list[bytes], list[bytes]]] = {}
@@ -87,9 +88,13 @@ class Transport:
             )
         return window
 
-    def urls(self, endpoint_id: str, urls: list[str], policy: str, attempt: int) -> list[str]:
+    def urls(self, endpoint_id: str, urls: list[str], policy: str) -> list[str]:
+        # Round robin turns per endpoint across sends (not per delivery's attempt number, which
+        # would send every first attempt to the same URL).
+        turn = self.turns.get(endpoint_id, 0)
+        self.turns[endpoint_id] = turn + 1
         return routing.order(
-            urls, policy, counter=attempt - 1, stats=self.arms.get(endpoint_id), rng=self.rng
+            urls, policy, counter=turn, stats=self.arms.get(endpoint_id), rng=self.rng
         )
 
     def learn(self, endpoint_id: str, result: PostResult) -> None:
