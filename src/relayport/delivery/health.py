@@ -239,7 +239,8 @@ async def _endpoint_health(
                 extra={"event": "delivery.circuit_opened", "endpoint_id": endpoint.id},
             )
     if ok:
-        values["failing_since"] = None
+        if endpoint.failing_since is not None:  # no write at all on the common healthy path
+            values["failing_since"] = None
     elif endpoint.failing_since is None:
         values["failing_since"] = now
     reason = None

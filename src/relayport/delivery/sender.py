@@ -68,6 +68,8 @@ async def run(platform: Platform, ref: str) -> int:
     now = utcnow()
     lease_until = now + dt.timedelta(seconds=settings.lease_s)
     by_message = ref.startswith("msg_")
+    # One transaction claims and reads what the sends need: one connection checkout, one
+    # commit (the reads see the rows as claimed).
     async with platform.db.transaction() as session:
         claimed = await repository.claim(
             session,
@@ -76,9 +78,8 @@ async def run(platform: Platform, ref: str) -> int:
             message_id=ref if by_message else None,
             delivery_id=None if by_message else ref,
         )
-    if not claimed:
-        return 0  # a duplicate message, work another worker holds, or not due yet
-    async with platform.db.sessions() as session:
+        if not claimed:
+            return 0  # a duplicate message, work another worker holds, or not due yet
         messages, endpoints = await repository.load_for_send(
             session, [c[2] for c in claimed], [c[1] for c in claimed]
         )
