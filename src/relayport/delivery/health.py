@@ -38,14 +38,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("relayport.delivery")
 
-WAKE_KEY = "outbox.wake"
-
-
-def wake(platform: Platform) -> None:
-    """Have the in-process outbox relay publish now rather than at its next poll."""
-    callback = platform.extras.get(WAKE_KEY)
-    if callback is not None:
-        callback()
+wake = messages.wake
 
 
 async def gate_circuits(

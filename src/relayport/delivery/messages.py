@@ -21,11 +21,21 @@ from relayport.core.db import utcnow
 from relayport.core.errors import Conflict, ValidationFailed
 from relayport.core.ids import new_id
 from relayport.core.outbox import enqueue
+from relayport.core.platform import Platform
 from relayport.delivery import filters, repository
 from relayport.delivery.models import Delivery, Message
 
 QUEUE = "delivery.send"
 MAX_SCHEMA_ERRORS = 10
+WAKE_KEY = "outbox.wake"
+
+
+def wake(platform: Platform) -> None:
+    """Have the in-process outbox relay publish now rather than at its next poll (call after
+    committing); without an in-process worker the relay's poll picks the rows up."""
+    callback = platform.extras.get(WAKE_KEY)
+    if callback is not None:
+        callback()
 
 
 def body_of(event_type: str, payload: Any, at: dt.datetime) -> bytes:
