@@ -286,7 +286,7 @@ async def _operational(
     session: AsyncSession, tenant_id: str, event_type: str, data: dict[str, Any]
 ) -> bool:
     """Send an operational event to the tenant's endpoints that subscribed to it."""
-    _, count, _ = await messages.create_message(
+    _, rows, _ = await messages.create_message(
         session,
         tenant_id,
         event_type=event_type,
@@ -296,4 +296,4 @@ async def _operational(
         idempotency_ttl_s=0,
         validate=False,
     )
-    return count > 0
+    return bool(rows)

@@ -151,7 +151,7 @@ async def create_message(
     stored with its deliveries; 200 with the original for a key seen in the last 24 h.
     Role: operator."""
     settings = platform.settings.delivery
-    message, _count, created = await messages.create_message(
+    message, deliveries, created = await messages.create_message(
         session,
         principal.tenant_id,
         event_type=body.event_type,
@@ -165,7 +165,8 @@ async def create_message(
     else:
         response.status_code = 200
         response.headers["Idempotent-Replayed"] = "true"
-    deliveries = await DeliveryRepository(session, principal.tenant_id).of_message(message.id)
+    if deliveries is None:
+        deliveries = await DeliveryRepository(session, principal.tenant_id).of_message(message.id)
     return _message(message, deliveries)
 
 

@@ -74,8 +74,9 @@ async def create_message(
     idempotency_key: str | None,
     idempotency_ttl_s: float,
     validate: bool = True,
-) -> tuple[Message, int, bool]:
-    """Store a message with its deliveries and outbox row: (message, deliveries, created).
+) -> tuple[Message, list[Delivery] | None, bool]:
+    """Store a message with its deliveries and outbox row: (message, its deliveries when it
+    was created here, created).
 
     A key seen within `idempotency_ttl_s` returns the original message (created False); an
     older one is released and the key starts a new message.
@@ -85,10 +86,7 @@ async def create_message(
         existing = await repository.message_by_key(session, tenant_id, idempotency_key)
         if existing is not None:
             if existing.created_at > now - dt.timedelta(seconds=idempotency_ttl_s):
-                count = len(
-                    await repository.DeliveryRepository(session, tenant_id).of_message(existing.id)
-                )
-                return existing, count, False
+                return existing, None, False
             await repository.release_key(session, existing.id)
     if validate:
         kind = await repository.EventTypeRepository(session, tenant_id).by_name(event_type)
@@ -110,13 +108,12 @@ async def create_message(
         winner = await repository.message_by_key(session, tenant_id, idempotency_key)
         if winner is None:  # pragma: no cover - it committed before we looked
             raise Conflict("a concurrent request used this key", slug="idempotency-conflict")
-        return winner, 0, False
+        return winner, None, False
     message = Message(**values)
-    count = await fan_out(session, message, now)
-    return message, count, True
+    return message, await fan_out(session, message, now), True
 
 
-async def fan_out(session: AsyncSession, message: Message, now: dt.datetime) -> int:
+async def fan_out(session: AsyncSession, message: Message, now: dt.datetime) -> list[Delivery]:
     """One delivery per enabled endpoint whose filters accept the message, and one outbox
     row that names the message (the worker claims all its deliveries at once)."""
     endpoints = await repository.enabled_endpoints(session, message.tenant_id)
@@ -147,7 +144,7 @@ async def fan_out(session: AsyncSession, message: Message, now: dt.datetime) -> 
             payload=message.id.encode(),
             tenant_id=message.tenant_id,
         )
-    return len(rows)
+    return rows
 
 
 def enqueue_deliveries(session: AsyncSession, rows: Sequence[tuple[str, str]]) -> None:

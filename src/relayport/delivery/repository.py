@@ -119,11 +119,11 @@ async def claim(
     *,
     now: dt.datetime,
     lease_until: dt.datetime,
-    message_id: str | None = None,
-    delivery_id: str | None = None,
+    message_ids: Sequence[str] = (),
+    delivery_ids: Sequence[str] = (),
 ) -> list[tuple[str, str, str, int]]:
-    """Take the due deliveries of a message (or one delivery) for one attempt each:
-    (delivery id, endpoint id, message id, attempt number).
+    """Take the due deliveries of some messages and some single deliveries for one attempt
+    each: (delivery id, endpoint id, message id, attempt number).
 
     One guarded UPDATE: two workers handed the same work cannot both win a row.
     """
@@ -132,10 +132,9 @@ async def claim(
         Delivery.next_attempt_at <= now,
         _fifo_free(),
     )
-    if message_id is not None:
-        stmt = stmt.where(Delivery.message_id == message_id)
-    if delivery_id is not None:
-        stmt = stmt.where(Delivery.id == delivery_id)
+    stmt = stmt.where(
+        or_(Delivery.message_id.in_(list(message_ids)), Delivery.id.in_(list(delivery_ids)))
+    )
     result = await session.execute(
         stmt.values(
             status="sending",

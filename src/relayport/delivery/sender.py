@@ -11,6 +11,7 @@ import datetime as dt
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -61,13 +62,12 @@ class Gate:
     used: bool = False
 
 
-async def run(platform: Platform, ref: str) -> int:
-    """Send the due deliveries `ref` names (a message id: all of its deliveries; a delivery
+async def run(platform: Platform, refs: Sequence[str]) -> int:
+    """Send the due deliveries `refs` name (a message id: all of its deliveries; a delivery
     id: that one). Returns how many were attempted or deferred."""
     settings = platform.settings.delivery
     now = utcnow()
     lease_until = now + dt.timedelta(seconds=settings.lease_s)
-    by_message = ref.startswith("msg_")
     # One transaction claims and reads what the sends need: one connection checkout, one
     # commit (the reads see the rows as claimed).
     async with platform.db.transaction() as session:
@@ -75,8 +75,8 @@ async def run(platform: Platform, ref: str) -> int:
             session,
             now=now,
             lease_until=lease_until,
-            message_id=ref if by_message else None,
-            delivery_id=None if by_message else ref,
+            message_ids=[r for r in refs if r.startswith("msg_")],
+            delivery_ids=[r for r in refs if not r.startswith("msg_")],
         )
         if not claimed:
             return 0  # a duplicate message, work another worker holds, or not due yet

@@ -10,12 +10,14 @@ from relayport.core.broker import Message
 from relayport.core.db import utcnow
 from relayport.core.platform import Platform
 from relayport.delivery import health, messages, repository, sender
+from relayport.delivery.batching import Batcher
 from relayport.delivery.messages import QUEUE
 from relayport.delivery.transport import close_transport
 
 log = logging.getLogger("relayport.delivery")
 
 DISPATCH_BATCH = 500
+_BATCHER_KEY = "delivery.batcher"
 
 __all__ = ["QUEUE", "close", "handle", "tick"]
 
@@ -24,8 +26,11 @@ async def handle(platform: Platform, message: Message) -> None:
     """Consume one `delivery.send` message: a message id (all its due deliveries) or a
     delivery id."""
     ref = message.body.decode("ascii", "replace")[:64]
+    batcher = platform.extras.get(_BATCHER_KEY)
+    if batcher is None:
+        batcher = platform.extras[_BATCHER_KEY] = Batcher(lambda refs: sender.run(platform, refs))
     try:
-        await sender.run(platform, ref)
+        await batcher.submit(ref)
     except Exception:
         # The database holds the deliveries, not the broker message: acking loses nothing,
         # since the scheduler sends them round again once their lease expires.
@@ -55,4 +60,5 @@ async def tick(platform: Platform) -> None:
 
 
 async def close(platform: Platform) -> None:
+    platform.extras.pop(_BATCHER_KEY, None)
     await close_transport(platform)
