@@ -13,11 +13,12 @@ from relayport.core.deps import Operator, PlatformDep, SessionDep, Viewer, after
 from relayport.core.schemas import ListResponse
 from relayport.delivery import health, message_routes, messages, service
 from relayport.delivery.models import Attempt, Endpoint
-from relayport.delivery.repository import EndpointRepository
+from relayport.delivery.repository import AttemptRepository, EndpointRepository
 from relayport.delivery.schemas import (
     AttemptOut,
     EndpointCreate,
     EndpointCreated,
+    EndpointHealth,
     EndpointOut,
     EndpointSecret,
     EndpointUpdate,
@@ -188,6 +189,46 @@ async def endpoint_attempts(
         until=until,
         limit=limit,
         after=after,
+    )
+
+
+HEALTH_WINDOW = 1000
+
+
+@router.get("/endpoints/{endpoint_id}/health", response_model=EndpointHealth, tags=["endpoints"])
+async def endpoint_health(
+    endpoint_id: str, principal: Viewer, session: SessionDep, since: Since = None
+) -> EndpointHealth:
+    """Success rate, latency percentiles and error classes of the endpoint's last 1,000
+    attempts (since `since`), with its breaker state. Role: viewer."""
+    endpoint = await EndpointRepository(session, principal.tenant_id).get(endpoint_id)
+    repo = AttemptRepository(session, principal.tenant_id)
+    stmt = repo.query().where(Attempt.endpoint_id == endpoint.id)
+    if since is not None:
+        stmt = stmt.where(Attempt.created_at >= since)
+    rows = (await session.execute(stmt.order_by(Attempt.id.desc()).limit(HEALTH_WINDOW))).scalars()
+    attempts = list(rows)
+    latencies = sorted(a.latency_ms for a in attempts)
+    ok = sum(1 for a in attempts if a.succeeded)
+    errors: dict[str, int] = {}
+    for a in attempts:
+        if not a.succeeded:
+            errors[a.error_class or "other"] = errors.get(a.error_class or "other", 0) + 1
+
+    def pct(q: float) -> float | None:
+        return latencies[min(len(latencies) - 1, int(q * len(latencies)))] if latencies else None
+
+    return EndpointHealth(
+        endpoint_id=endpoint.id,
+        circuit_state=endpoint.circuit_state,
+        enabled=endpoint.enabled,
+        failing_since=endpoint.failing_since,
+        attempts=len(attempts),
+        succeeded=ok,
+        success_rate=ok / len(attempts) if attempts else None,
+        latency_p50_ms=pct(0.5),
+        latency_p99_ms=pct(0.99),
+        errors=errors,
     )
 
 

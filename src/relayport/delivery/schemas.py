@@ -221,3 +221,18 @@ class Requeued(BaseModel):
 
 class RetryBody(Strict):
     endpoint_id: str | None = Field(default=None, max_length=64)
+
+
+class EndpointHealth(BaseModel):
+    """A summary of an endpoint's recent attempts (the newest `window` of them, since `since`)."""
+
+    endpoint_id: str
+    circuit_state: str
+    enabled: bool
+    failing_since: dt.datetime | None
+    attempts: int
+    succeeded: int
+    success_rate: float | None
+    latency_p50_ms: float | None
+    latency_p99_ms: float | None
+    errors: dict[str, int] = Field(description="Failed attempts by error class.")
