@@ -213,6 +213,7 @@ async def test_lists_show_only_the_callers_tenant(
         {"url": "https://93.184.215.14/", "filter_types": ["bad type!"]},
         {"url": "https://93.184.215.14/", "headers": {"webhook-id": "forged"}},
         {"url": "https://93.184.215.14/", "headers": {"X-Ok": "line\nbreak"}},
+        {"url": "https://93.184.215.14/", "headers": {"X-Ok": "caf\u00e9"}},
         {"url": "https://93.184.215.14/", "routing": "random"},
         {"url": "https://93.184.215.14/", "rate_limit_per_s": 0},
         {"url": "https://93.184.215.14/", "retry_schedule_s": []},

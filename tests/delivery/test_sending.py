@@ -302,6 +302,18 @@ async def test_payload_breaking_the_schema_is_422(
     )
     assert broken.status_code == 422
     assert broken.json()["errors"][0]["code"] == "bad_schema"
+    # A schema whose $ref points elsewhere is stored, but never fetched: a 422, not a 500.
+    remote = await client.post(
+        "/v1/event-types",
+        json={"name": "r.t", "schema": {"$ref": "https://example.com/schema.json"}},
+        headers=account.headers,
+    )
+    assert remote.status_code == 201, remote.text
+    unusable = await client.post(
+        "/v1/messages", json={"event_type": "r.t", "payload": {}}, headers=account.headers
+    )
+    assert unusable.status_code == 422, unusable.text
+    assert unusable.json()["errors"][0]["code"] == "schema_unusable"
 
 
 async def test_message_detail_shows_deliveries(

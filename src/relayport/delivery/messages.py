@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
+from itertools import islice
 from typing import Any
 
 import orjson
@@ -44,9 +45,22 @@ def body_of(event_type: str, payload: Any, at: dt.datetime) -> bytes:
 
 
 def _check_payload(schema: dict[str, Any], payload: Any) -> None:
-    validator = Draft202012Validator(schema)
+    try:
+        found = list(islice(Draft202012Validator(schema).iter_errors(payload), MAX_SCHEMA_ERRORS))
+    except Exception:  # e.g. a $ref to a document that is never fetched
+        raise ValidationFailed(
+            "the event type's schema cannot be applied (unresolvable $ref?)",
+            errors=[
+                {
+                    "pointer": "/event_type",
+                    "location": "body",
+                    "message": "schema unusable",
+                    "code": "schema_unusable",
+                }
+            ],
+        ) from None
     errors = []
-    for error in validator.iter_errors(payload):
+    for error in found:
         pointer = "/payload" + "".join(
             "/" + str(p).replace("~", "~0").replace("/", "~1") for p in error.absolute_path
         )
@@ -58,8 +72,6 @@ def _check_payload(schema: dict[str, Any], payload: Any) -> None:
                 "code": "schema",
             }
         )
-        if len(errors) >= MAX_SCHEMA_ERRORS:
-            break
     if errors:
         raise ValidationFailed("the payload does not match its event type's schema", errors=errors)
 
@@ -137,13 +149,13 @@ async def fan_out(session: AsyncSession, message: Message, now: dt.datetime) -> 
     ]
     if rows:
         session.add_all(rows)
-        await session.flush()  # the session does not autoflush; the response lists them
         enqueue(
             session,
             topic=QUEUE,
             payload=message.id.encode(),
             tenant_id=message.tenant_id,
         )
+        await session.flush()  # the session does not autoflush; the response lists them
     return rows
 
 

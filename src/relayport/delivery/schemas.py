@@ -59,7 +59,9 @@ def _headers(value: dict[str, str]) -> dict[str, str]:
             raise ValueError(f"bad header name {name[:100]!r}")
         if name.lower() in RESERVED_HEADERS:
             raise ValueError(f"{name!r} is set by the platform")
-        if len(content) > 1000 or any(ord(c) < 0x20 or ord(c) == 0x7F for c in content):
+        # Printable ASCII only: HTTP/1.1 field values outside it are refused by peers (and
+        # by aiohttp at send time), and CR/LF would split the header.
+        if len(content) > 1000 or not all(0x20 <= ord(c) < 0x7F for c in content):
             raise ValueError(f"bad value for header {name!r}")
     return {k.lower(): v for k, v in value.items()}
 
