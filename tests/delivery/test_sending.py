@@ -324,3 +324,28 @@ async def test_message_detail_shows_deliveries(
     got = await message_of(client, account, message["id"])
     assert got["payload"] == {"k": "v"}
     assert len(got["deliveries"]) == 1
+
+
+async def test_an_idempotency_key_older_than_24_hours_starts_a_new_message(
+    client: httpx.AsyncClient, account: Account, platform: Platform
+) -> None:
+    import datetime as dt
+
+    from sqlalchemy import update
+
+    from relayport.delivery.models import Message
+
+    headers = {**account.headers, "Idempotency-Key": "k-1"}
+    body = {"event_type": "a.b", "payload": {}}
+    first = (await client.post("/v1/messages", json=body, headers=headers)).json()
+    async with platform.db.transaction() as session:
+        await session.execute(
+            update(Message)
+            .where(Message.id == first["id"])
+            .values(created_at=dt.datetime.now(dt.UTC) - dt.timedelta(hours=25))
+        )
+    again = await client.post("/v1/messages", json=body, headers=headers)
+    assert again.status_code == 202
+    assert again.json()["id"] != first["id"]
+    old = await client.get(f"/v1/messages/{first['id']}", headers=account.headers)
+    assert old.json()["event_id"] is None  # the key moved to the new message
