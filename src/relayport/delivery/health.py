@@ -106,6 +106,7 @@ async def finish(
     transport: Transport,
     outcomes: Sequence[Outcome],
     endpoints: dict[str, Endpoint],
+    lease_until: dt.datetime,
 ) -> None:
     if not outcomes:
         return
@@ -119,6 +120,7 @@ async def finish(
             "b_next": o.next_at,
             "b_error": o.error,
             "b_now": now,
+            "b_lease": lease_until,
             "b_finished": now if o.status in ("succeeded", "dead") else None,
         }
         for o in outcomes

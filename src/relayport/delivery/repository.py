@@ -175,6 +175,9 @@ async def finish(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> None:
             _d.id == bindparam("b_id"),
             _d.status == "sending",
             _d.attempts == bindparam("b_attempt"),
+            # The lease is the claim's token: a worker that overran its lease and lost the
+            # delivery to another must not overwrite that one's attempt.
+            _d.locked_until == bindparam("b_lease"),
         )
         .values(
             status=bindparam("b_status"),

@@ -92,7 +92,7 @@ async def run(platform: Platform, refs: Sequence[str]) -> int:
             continue  # deleted with its endpoint after the claim
         jobs.append(_deliver(platform, transport, delivery_id, endpoint, message, attempt, gates))
     outcomes = await asyncio.gather(*jobs)
-    await health.finish(platform, transport, outcomes, endpoints)
+    await health.finish(platform, transport, outcomes, endpoints, lease_until)
     return len(outcomes)
 
 
