@@ -4,7 +4,14 @@ from relayport.core.audit import AuditEvent
 from relayport.core.auth.models import ApiKey, RefreshToken, User
 from relayport.core.outbox import OutboxMessage
 from relayport.core.tenants import Tenant
-from relayport.delivery.models import Attempt, Delivery, Endpoint, EventType, Message
+from relayport.delivery.models import (
+    Attempt,
+    Delivery,
+    Endpoint,
+    EventType,
+    Message,
+    TenantSettings,
+)
 from relayport.ingest.models import InboxEvent, Job, Rejection, Source
 
 __all__ = [
@@ -22,5 +29,6 @@ __all__ = [
     "Rejection",
     "Source",
     "Tenant",
+    "TenantSettings",
     "User",
 ]

@@ -9,7 +9,7 @@ import pytest
 from standardwebhooks.webhooks import Webhook
 
 from relayport.core.platform import Platform
-from tests.conftest import Account
+from tests.conftest import Account, api_key
 from tests.delivery.conftest import (
     Receiver,
     create_endpoint,
@@ -349,3 +349,34 @@ async def test_an_idempotency_key_older_than_24_hours_starts_a_new_message(
     assert again.json()["id"] != first["id"]
     old = await client.get(f"/v1/messages/{first['id']}", headers=account.headers)
     assert old.json()["event_id"] is None  # the key moved to the new message
+
+
+async def test_retry_schedule_per_tenant_and_per_endpoint(
+    client: httpx.AsyncClient, account: Account, receiver: Receiver
+) -> None:
+    put = await client.put(
+        "/v1/delivery-settings", json={"retry_schedule_s": [0, 0.01]}, headers=account.headers
+    )
+    assert put.status_code == 200, put.text
+    assert put.json()["effective_retry_schedule_s"] == [0, 0.01]
+    got = await client.get("/v1/delivery-settings", headers=account.headers)
+    assert got.json()["retry_schedule_s"] == [0, 0.01]
+    bad = await client.put(
+        "/v1/delivery-settings", json={"retry_schedule_s": [-1]}, headers=account.headers
+    )
+    assert bad.status_code == 422
+    viewer = await api_key(client, account, "viewer")
+    denied = await client.put(
+        "/v1/delivery-settings",
+        json={"retry_schedule_s": None},
+        headers={"Authorization": f"Bearer {viewer}"},
+    )
+    assert denied.status_code == 403
+    await create_endpoint(client, account, receiver.url("/fail"), filter_types=["a.tenant"])
+    await create_endpoint(
+        client, account, receiver.url("/fail"), filter_types=["a.own"], retry_schedule_s=[0]
+    )
+    by_tenant = await send_message(client, account, event_type="a.tenant")
+    by_endpoint = await send_message(client, account, event_type="a.own")
+    assert (await wait_for_delivery(client, account, by_tenant["id"], "dead"))["attempts"] == 2
+    assert (await wait_for_delivery(client, account, by_endpoint["id"], "dead"))["attempts"] == 1

@@ -161,3 +161,13 @@ class Attempt(Base):
     latency_ms: Mapped[float] = mapped_column(Float)
     response_snippet: Mapped[str | None] = mapped_column(Text, default=None)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class TenantSettings(Base):
+    """A tenant's own delivery defaults (today: its retry schedule), over the platform's."""
+
+    __tablename__ = "delivery_tenant_settings"
+
+    tenant_id: Mapped[str] = mapped_column(String(40), ForeignKey("tenants.id"), primary_key=True)
+    retry_schedule_s: Mapped[list[float] | None] = mapped_column(JSON, default=None)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow)

@@ -13,7 +13,15 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
 from relayport.core.repository import TenantRepository
-from relayport.delivery.models import FINISHED, Attempt, Delivery, Endpoint, EventType, Message
+from relayport.delivery.models import (
+    FINISHED,
+    Attempt,
+    Delivery,
+    Endpoint,
+    EventType,
+    Message,
+    TenantSettings,
+)
 
 
 class EndpointRepository(TenantRepository[Endpoint]):
@@ -147,6 +155,23 @@ async def claim(
         .execution_options(synchronize_session=False)
     )
     return [(r[0], r[1], r[2], r[3]) for r in result.all()]
+
+
+async def tenant_settings(session: AsyncSession, tenant_id: str) -> TenantSettings | None:
+    return await session.get(TenantSettings, tenant_id)
+
+
+async def tenant_schedules(
+    session: AsyncSession, tenant_ids: Sequence[str]
+) -> dict[str, list[float]]:
+    """The tenants' own retry schedules, for those that set one."""
+    rows = await session.execute(
+        select(TenantSettings.tenant_id, TenantSettings.retry_schedule_s).where(
+            TenantSettings.tenant_id.in_(set(tenant_ids)),
+            TenantSettings.retry_schedule_s.is_not(None),
+        )
+    )
+    return {r[0]: list(r[1]) for r in rows.all() if r[1]}
 
 
 async def load_for_send(

@@ -9,13 +9,23 @@ from fastapi import APIRouter, Query, Request, Response
 from pydantic import AwareDatetime
 
 from relayport.core.db import utcnow
-from relayport.core.deps import Operator, PlatformDep, SessionDep, Viewer, after_commit, client_ip
+from relayport.core.deps import (
+    Admin,
+    Operator,
+    PlatformDep,
+    SessionDep,
+    Viewer,
+    after_commit,
+    client_ip,
+)
 from relayport.core.schemas import ListResponse
-from relayport.delivery import health, message_routes, messages, service
+from relayport.delivery import health, message_routes, messages, repository, service
 from relayport.delivery.models import Attempt, Endpoint
 from relayport.delivery.repository import AttemptRepository, EndpointRepository
 from relayport.delivery.schemas import (
     AttemptOut,
+    DeliverySettingsIn,
+    DeliverySettingsOut,
     EndpointCreate,
     EndpointCreated,
     EndpointHealth,
@@ -276,6 +286,38 @@ async def replay(
     )
     after_commit(session, lambda: health.wake(platform))
     return Requeued(deliveries=count)
+
+
+@router.get("/delivery-settings", response_model=DeliverySettingsOut, tags=["endpoints"])
+async def get_delivery_settings(
+    principal: Viewer, session: SessionDep, platform: PlatformDep
+) -> DeliverySettingsOut:
+    """The tenant's delivery defaults. Role: viewer."""
+    own = await repository.tenant_settings(session, principal.tenant_id)
+    schedule = own.retry_schedule_s if own is not None else None
+    return DeliverySettingsOut(
+        retry_schedule_s=schedule,
+        effective_retry_schedule_s=schedule or platform.settings.delivery.retry_schedule_s,
+    )
+
+
+@router.put("/delivery-settings", response_model=DeliverySettingsOut, tags=["endpoints"])
+async def put_delivery_settings(
+    body: DeliverySettingsIn,
+    request: Request,
+    principal: Admin,
+    session: SessionDep,
+    platform: PlatformDep,
+) -> DeliverySettingsOut:
+    """Set the tenant's retry schedule (endpoints with their own keep theirs). Role: admin."""
+    await service.set_tenant_schedule(
+        session, principal, body.retry_schedule_s, ip=client_ip(request)
+    )
+    return DeliverySettingsOut(
+        retry_schedule_s=body.retry_schedule_s,
+        effective_retry_schedule_s=body.retry_schedule_s
+        or platform.settings.delivery.retry_schedule_s,
+    )
 
 
 # The catalog and messages live in their own module; one router keeps app.py's mount as is.

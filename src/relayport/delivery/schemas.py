@@ -238,3 +238,15 @@ class EndpointHealth(BaseModel):
     latency_p50_ms: float | None
     latency_p99_ms: float | None
     errors: dict[str, int] = Field(description="Failed attempts by error class.")
+
+
+class DeliverySettingsIn(Strict):
+    retry_schedule_s: Schedule | None = Field(
+        description="Delay before each attempt for this tenant's endpoints without their own; "
+        "null: the platform's."
+    )
+
+
+class DeliverySettingsOut(BaseModel):
+    retry_schedule_s: list[float] | None
+    effective_retry_schedule_s: list[float]

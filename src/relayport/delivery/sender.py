@@ -83,6 +83,9 @@ async def run(platform: Platform, refs: Sequence[str]) -> int:
         messages, endpoints = await repository.load_for_send(
             session, [c[2] for c in claimed], [c[1] for c in claimed]
         )
+        schedules = await repository.tenant_schedules(
+            session, [m.tenant_id for m in messages.values()]
+        )
     gates = await health.gate_circuits(platform, list(endpoints.values()), now)
     transport = transport_of(platform)
     jobs = []
@@ -90,7 +93,15 @@ async def run(platform: Platform, refs: Sequence[str]) -> int:
         endpoint, message = endpoints.get(endpoint_id), messages.get(message_id)
         if endpoint is None or message is None:
             continue  # deleted with its endpoint after the claim
-        jobs.append(_deliver(platform, transport, delivery_id, endpoint, message, attempt, gates))
+        # The endpoint's own schedule, else its tenant's, else the platform's.
+        schedule = (
+            endpoint.retry_schedule_s
+            or schedules.get(endpoint.tenant_id)
+            or platform.settings.delivery.retry_schedule_s
+        )
+        jobs.append(
+            _deliver(platform, transport, delivery_id, endpoint, message, attempt, gates, schedule)
+        )
     outcomes = await asyncio.gather(*jobs)
     await health.finish(platform, transport, outcomes, endpoints, lease_until)
     return len(outcomes)
@@ -127,6 +138,7 @@ async def _deliver(
     message: Message,
     attempt: int,
     gates: dict[str, Gate],
+    schedule: Sequence[float],
 ) -> Outcome:
     settings = platform.settings.delivery
     now = utcnow()
@@ -194,7 +206,6 @@ async def _deliver(
         outcome.status, outcome.gone = "dead", True
         outcome.error = "HTTP 410: the endpoint is gone (disabled)"
         return outcome
-    schedule = endpoint.retry_schedule_s or settings.retry_schedule_s
     delay = retry.delay_after(attempt, schedule, jitter=settings.retry_jitter)
     if delay is None:
         outcome.status = "dead"

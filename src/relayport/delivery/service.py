@@ -22,7 +22,7 @@ from relayport.core.errors import Conflict, NotFound, Problem, ValidationFailed
 from relayport.core.http import AddressPolicy, ForbiddenAddress, ForbiddenURL, HostNotResolved
 from relayport.core.ids import new_id
 from relayport.delivery import repository, signing
-from relayport.delivery.models import Endpoint, EventType
+from relayport.delivery.models import Endpoint, EventType, TenantSettings
 from relayport.delivery.secrets import StoredSecret, open_secrets, seal
 from relayport.settings import DeliverySettings
 
@@ -232,6 +232,27 @@ def _audit(
         target_type="endpoint" if action.startswith("endpoint") else "event_type",
         target_id=target_id,
         details=details,
+    )
+
+
+async def set_tenant_schedule(
+    session: AsyncSession, principal: Principal, schedule: list[float] | None, *, ip: str | None
+) -> None:
+    """Set (or with None, clear) the tenant's own retry schedule."""
+    row = await repository.tenant_settings(session, principal.tenant_id)
+    if row is None:
+        row = TenantSettings(tenant_id=principal.tenant_id)
+        session.add(row)
+    row.retry_schedule_s = schedule
+    row.updated_at = utcnow()
+    audit.record_by(
+        session,
+        principal,
+        "delivery.settings_updated",
+        ip=ip,
+        target_type="tenant",
+        target_id=principal.tenant_id,
+        details={"retry_schedule_s": schedule},
     )
 
 

@@ -175,8 +175,22 @@ def upgrade() -> None:
         unique=False,
     )
 
+    op.create_table(
+        "delivery_tenant_settings",
+        sa.Column("tenant_id", sa.String(length=40), nullable=False),
+        sa.Column("retry_schedule_s", sa.JSON(), nullable=True),
+        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+        sa.ForeignKeyConstraint(
+            ["tenant_id"],
+            ["tenants.id"],
+            name=op.f("fk_delivery_tenant_settings_tenant_id_tenants"),
+        ),
+        sa.PrimaryKeyConstraint("tenant_id", name=op.f("pk_delivery_tenant_settings")),
+    )
+
 
 def downgrade() -> None:
+    op.drop_table("delivery_tenant_settings")
     op.drop_index("ix_delivery_deliveries_tenant_id_id", table_name="delivery_deliveries")
     op.drop_index("ix_delivery_deliveries_status_next_attempt_at", table_name="delivery_deliveries")
     op.drop_index("ix_delivery_deliveries_endpoint_id_id", table_name="delivery_deliveries")
