@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
@@ -115,7 +116,9 @@ async def delete_event_type(
 # --- messages ---------------------------------------------------------------------------------
 
 
-def _message(row: Message, deliveries: list[Delivery] | None = None) -> MessageOut:
+def _message(
+    row: Message, deliveries: Sequence[Delivery | dict[str, Any]] | None = None
+) -> MessageOut:
     import orjson
 
     body = orjson.loads(row.body)
@@ -165,9 +168,10 @@ async def create_message(
     else:
         response.status_code = 200
         response.headers["Idempotent-Replayed"] = "true"
-    if deliveries is None:
-        deliveries = await DeliveryRepository(session, principal.tenant_id).of_message(message.id)
-    return _message(message, deliveries)
+    if deliveries is not None:
+        return _message(message, deliveries)
+    stored = await DeliveryRepository(session, principal.tenant_id).of_message(message.id)
+    return _message(message, stored)
 
 
 @router.get("/messages", response_model=ListResponse[MessageOut], tags=["messages"])

@@ -24,7 +24,7 @@ from relayport.core.ids import new_id
 from relayport.core.outbox import enqueue
 from relayport.core.platform import Platform
 from relayport.delivery import filters, repository
-from relayport.delivery.models import Delivery, Message
+from relayport.delivery.models import Message
 
 QUEUE = "delivery.send"
 MAX_SCHEMA_ERRORS = 10
@@ -86,7 +86,7 @@ async def create_message(
     idempotency_key: str | None,
     idempotency_ttl_s: float,
     validate: bool = True,
-) -> tuple[Message, list[Delivery] | None, bool]:
+) -> tuple[Message, list[dict[str, Any]] | None, bool]:
     """Store a message with its deliveries and outbox row: (message, its deliveries when it
     was created here, created).
 
@@ -125,37 +125,40 @@ async def create_message(
     return message, await fan_out(session, message, now), True
 
 
-async def fan_out(session: AsyncSession, message: Message, now: dt.datetime) -> list[Delivery]:
+async def fan_out(
+    session: AsyncSession, message: Message, now: dt.datetime
+) -> list[dict[str, Any]]:
     """One delivery per enabled endpoint whose filters accept the message, and one outbox
-    row that names the message (the worker claims all its deliveries at once)."""
+    row that names the message (the worker claims all its deliveries at once). Returns the
+    deliveries' columns."""
     endpoints = await repository.enabled_endpoints(session, message.tenant_id)
     rows = [
-        Delivery(
-            id=new_id("dlv"),
-            tenant_id=message.tenant_id,
-            message_id=message.id,
-            endpoint_id=endpoint.id,
-            fifo=endpoint.fifo,
-            status="pending",
-            attempts=0,
-            next_attempt_at=now,
-            created_at=now,
-            updated_at=now,
-        )
-        for endpoint in endpoints
-        if filters.accepts(
-            endpoint.filter_types, endpoint.channels, message.event_type, message.channels
-        )
+        {
+            "id": new_id("dlv"),
+            "tenant_id": message.tenant_id,
+            "message_id": message.id,
+            "endpoint_id": endpoint_id,
+            "fifo": fifo,
+            "status": "pending",
+            "attempts": 0,
+            "next_attempt_at": now,
+            "locked_until": None,
+            "last_error": None,
+            "created_at": now,
+            "updated_at": now,
+            "finished_at": None,
+        }
+        for endpoint_id, fifo, filter_types, channels in endpoints
+        if filters.accepts(filter_types, channels, message.event_type, message.channels)
     ]
     if rows:
-        session.add_all(rows)
+        await repository.insert_deliveries(session, rows)
         enqueue(
             session,
             topic=QUEUE,
             payload=message.id.encode(),
             tenant_id=message.tenant_id,
         )
-        await session.flush()  # the session does not autoflush; the response lists them
     return rows
 
 

@@ -40,7 +40,7 @@ def parse_retry_after(value: str | None, now: dt.datetime) -> float | None:
     if not value:
         return None
     text = value.strip()
-    if text.isdigit():
+    if text.isascii() and text.isdigit():  # str.isdigit() also accepts "²"
         return float(min(int(text), 10**9))
     try:
         when = email.utils.parsedate_to_datetime(text)
