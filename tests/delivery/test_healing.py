@@ -214,3 +214,22 @@ async def test_exhausted_delivery_emits_an_operational_event_and_recovers(
     await wait_for_delivery(client, account, message["id"], "succeeded")
     detail = await message_of(client, account, message["id"])
     assert detail["deliveries"][0]["attempts"] == 1  # a replay starts a fresh budget
+
+
+async def test_a_hanging_endpoint_does_not_hold_back_the_others(
+    client: httpx.AsyncClient, account: Account, receiver: Receiver
+) -> None:
+    slow = await create_endpoint(client, account, receiver.url("/hang"))
+    fast = await create_endpoint(client, account, receiver.url("/ok"))
+    message = await send_message(client, account)
+    states: dict[str, str] = {}
+
+    async def fast_done() -> bool:
+        detail = await message_of(client, account, message["id"])
+        states.update({d["endpoint_id"]: d["status"] for d in detail["deliveries"]})
+        return states.get(fast["id"]) == "succeeded"
+
+    # Same message, same batch: the fast delivery is recorded while the slow one still hangs
+    # (the attempt timeout in these tests is 2 s).
+    await eventually(fast_done, timeout=1.5, what="the fast delivery to be recorded")
+    assert states[slow["id"]] == "sending"

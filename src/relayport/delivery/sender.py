@@ -26,6 +26,7 @@ from relayport.delivery.transport import PostResult, Transport, transport_of
 log = logging.getLogger("relayport.delivery")
 
 Status = Literal["succeeded", "retrying", "dead"]
+FINISH_WAVE_S = 0.25
 
 
 @dataclass(slots=True)
@@ -102,9 +103,25 @@ async def run(platform: Platform, refs: Sequence[str]) -> int:
         jobs.append(
             _deliver(platform, transport, delivery_id, endpoint, message, attempt, gates, schedule)
         )
-    outcomes = await asyncio.gather(*jobs)
-    await health.finish(platform, transport, outcomes, endpoints, lease_until)
-    return len(outcomes)
+    # Record outcomes in waves: a hanging endpoint (up to the total timeout) must not hold
+    # back the bookkeeping, FIFO successors and metrics of the batch's healthy deliveries.
+    pending = {asyncio.ensure_future(job) for job in jobs}
+    while pending:
+        done, pending = await asyncio.wait(pending, timeout=FINISH_WAVE_S)
+        outcomes = []
+        for task in done:
+            if task.exception() is not None:
+                # Left `sending`: the scheduler sends it again once the lease expires.
+                log.error(
+                    "delivery attempt crashed",
+                    exc_info=task.exception(),
+                    extra={"event": "delivery.attempt_error"},
+                )
+            else:
+                outcomes.append(task.result())
+        if outcomes:
+            await health.finish(platform, transport, outcomes, endpoints, lease_until)
+    return len(jobs)
 
 
 def _keys(
