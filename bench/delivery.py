@@ -30,6 +30,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -149,11 +150,23 @@ async def post_messages(
     body = json.dumps({"event_type": f"bench.k{k}", "payload": {"amount": 42, "pad": "x" * 200}})
 
     async def one() -> None:
+        import aiohttp
+
         started = time.time()
-        async with session.post(f"{base}/v1/messages", data=body, headers=auth) as r:
-            if r.status != 202:
-                raise BenchError(f"POST /v1/messages answered {r.status}: {await r.text()}")
-            sent[(await r.json())["id"]] = started
+        # A pooled connection the server closed while idle (uvicorn's keep-alive timeout) fails
+        # on reuse; the idempotency key makes sending again safe.
+        headers = auth | {"Idempotency-Key": secrets.token_hex(12)}
+        for attempt in range(3):
+            try:
+                async with session.post(f"{base}/v1/messages", data=body, headers=headers) as r:
+                    if r.status != 202:
+                        detail = await r.text()
+                        raise BenchError(f"POST /v1/messages answered {r.status}: {detail}")
+                    sent[(await r.json())["id"]] = started
+                    return
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+                if attempt == 2:
+                    raise
 
     if rate is None:
         queue = iter(range(count))
