@@ -159,7 +159,7 @@ async def post_messages(
         for attempt in range(3):
             try:
                 async with session.post(f"{base}/v1/messages", data=body, headers=headers) as r:
-                    if r.status != 202:
+                    if r.status not in (200, 202):  # 200: a resend already stored
                         detail = await r.text()
                         raise BenchError(f"POST /v1/messages answered {r.status}: {detail}")
                     sent[(await r.json())["id"]] = started
