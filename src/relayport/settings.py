@@ -159,6 +159,61 @@ def _b64decode(value: str) -> bytes:
 class DeliverySettings(BaseModel):
     """Outbound webhooks: sending, retries, breakers, the SSRF allow-list."""
 
+    allow_cidrs: list[str] = Field(
+        default_factory=list,
+        description="Private networks endpoints may reach (and over plain http), e.g. "
+        '["127.0.0.0/8"]; everything non-public is refused otherwise.',
+    )
+    connect_timeout_s: float = Field(default=15, gt=0)
+    total_timeout_s: float = Field(default=15, gt=0)
+    user_agent: str = "Relayport-Webhooks/0.1"
+    pool_limit: int = Field(default=512, gt=0, description="Connections per worker process.")
+    pool_limit_per_host: int = Field(default=64, gt=0)
+    concurrency: int = Field(
+        default=256, gt=0, description="Deliveries a worker process sends at once."
+    )
+    retry_schedule_s: list[float] = Field(
+        default_factory=lambda: [0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0],
+        min_length=1,
+        max_length=50,
+        description="Delay before each attempt; its length is the number of attempts.",
+    )
+    retry_jitter: float = Field(default=0.2, ge=0, lt=1)
+    retry_after_max_s: float = Field(
+        default=3600, gt=0, description="Upper bound on a receiver's Retry-After."
+    )
+    lease_s: float = Field(
+        default=60, gt=0, description="How long a worker owns a delivery it is sending."
+    )
+    scheduler_interval_s: float = Field(default=1.0, gt=0, le=60)
+    requeue_stuck_after_s: float = Field(default=300, gt=0)
+    idempotency_ttl_s: float = Field(default=86_400, gt=0)
+    secret_grace_s: int = Field(default=86_400, ge=0, description="Default rotation grace.")
+    breaker_window_s: float = Field(default=60, gt=0)
+    breaker_min_requests: int = Field(default=10, ge=1)
+    breaker_failure_ratio: float = Field(default=0.5, gt=0, le=1)
+    breaker_open_s: float = Field(default=30, gt=0, description="Wait before a half-open probe.")
+    disable_after_s: float = Field(
+        default=5 * 86_400, gt=0, description="Disable an endpoint failing this long."
+    )
+
+    @field_validator("allow_cidrs")
+    @classmethod
+    def _cidrs(cls, value: list[str]) -> list[str]:
+        for cidr in value:
+            try:
+                ipaddress.ip_network(cidr, strict=True)
+            except ValueError as exc:
+                raise ValueError(f"not a CIDR: {cidr!r}") from exc
+        return value
+
+    @field_validator("retry_schedule_s")
+    @classmethod
+    def _schedule(cls, value: list[float]) -> list[float]:
+        if any(v < 0 for v in value):
+            raise ValueError("retry delays are >= 0")
+        return value
+
 
 class ConfigsSettings(BaseModel):
     """Live configuration: push streams, heartbeats, the recent-version buffer."""

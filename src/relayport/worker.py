@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from relayport.core.broker import Message
 from relayport.core.outbox import OutboxRelay
 from relayport.core.platform import Platform
+from relayport.delivery import worker as delivery_worker
 from relayport.ingest import worker as ingest_worker
 from relayport.settings import Settings
 
@@ -64,6 +65,15 @@ register(ingest_worker.QUEUE, ingest_worker.handle_job)
 register_periodic(
     "ingest-scheduler", ingest_worker.tick, interval_s=lambda s: s.ingest.scheduler_interval_s
 )
+register(delivery_worker.QUEUE, delivery_worker.handle, prefetch=64)
+register_periodic(
+    "delivery-scheduler",
+    delivery_worker.tick,
+    interval_s=lambda s: s.delivery.scheduler_interval_s,
+)
+
+# Run when a worker stops, after in-flight work: capabilities close what they opened.
+SHUTDOWN: list[PeriodicRun] = [delivery_worker.close]
 
 
 class Worker:
@@ -82,6 +92,8 @@ class Worker:
 
             await self.platform.broker.consume(consumer.queue, handle, prefetch=consumer.prefetch)
         self._relay_task = asyncio.create_task(self.relay.run(self._stop), name="outbox-relay")
+        # Lets work enqueued in this process be published at once instead of at the next poll.
+        self.platform.extras["outbox.wake"] = self.relay.wake
         self._periodic_tasks = [
             asyncio.create_task(self._every(task), name=task.name) for task in PERIODIC
         ]
@@ -117,4 +129,9 @@ class Worker:
             for task in late:
                 task.cancel()
             await asyncio.gather(*self._periodic_tasks, return_exceptions=True)
+        for close in SHUTDOWN:
+            try:
+                await close(self.platform)
+            except Exception:
+                log.exception("shutdown hook failed", extra={"event": "worker.stop"})
         log.info("worker stopped", extra={"event": "worker.stopped"})

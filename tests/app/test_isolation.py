@@ -26,7 +26,23 @@ async def _tenant_b_resources(client: httpx.AsyncClient, b: Account) -> dict[str
     source = await create_source(client, b)
     event = await deliver(client, source, b'{"zen": "b"}')
     jobs = await client.get("/v1/jobs", headers=b.headers)
+    # Disabled, so nothing is sent to this (public, unreachable) address during the walk.
+    endpoint = await client.post(
+        "/v1/endpoints",
+        json={"url": "https://93.184.215.14/hook", "enabled": False},
+        headers=b.headers,
+    )
+    assert endpoint.status_code == 201, endpoint.text
+    event_type = await client.post("/v1/event-types", json={"name": "b.only"}, headers=b.headers)
+    assert event_type.status_code == 201, event_type.text
+    message = await client.post(
+        "/v1/messages", json={"event_type": "b.only", "payload": {}}, headers=b.headers
+    )
+    assert message.status_code == 202, message.text
     return {
+        "endpoint_id": endpoint.json()["id"],
+        "event_type": "b.only",
+        "message_id": message.json()["id"],
         "user_id": b.user_id,
         "key_id": key.json()["id"],
         "source_id": source["id"],

@@ -56,3 +56,9 @@ async def log_event(platform: Platform, event: dict[str, Any]) -> None:
 
 register("noop", noop)
 register("log", log_event)
+
+# Imported here, not at the top: the module above must be complete first, and routing
+# depends on the delivery capability only through its message service.
+from relayport.ingest.route_outbound import route_outbound  # noqa: E402
+
+register("outbound", route_outbound)

@@ -1,0 +1,341 @@
+"""Every query of outbound webhooks: tenant-scoped reads through `TenantRepository`, plus the
+worker's statements, which act on rows whose tenant is known from a message or delivery id."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from typing import Any, cast
+
+from sqlalchemy import (
+    Table,
+    and_,
+    bindparam,
+    case,
+    delete,
+    exists,
+    insert,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import aliased
+
+from relayport.core.repository import TenantRepository
+from relayport.delivery.models import (
+    FINISHED,
+    Attempt,
+    Delivery,
+    Endpoint,
+    EventType,
+    Message,
+    TenantSettings,
+)
+
+
+class EndpointRepository(TenantRepository[Endpoint]):
+    model = Endpoint
+    not_found_detail = "no such endpoint"
+
+
+class EventTypeRepository(TenantRepository[EventType]):
+    model = EventType
+    not_found_detail = "no such event type"
+
+    async def by_name(self, name: str) -> EventType | None:
+        result = await self.session.execute(self.query().where(EventType.name == name))
+        return result.scalar_one_or_none()
+
+
+class MessageRepository(TenantRepository[Message]):
+    model = Message
+    not_found_detail = "no such message"
+
+
+class DeliveryRepository(TenantRepository[Delivery]):
+    model = Delivery
+    not_found_detail = "no such delivery"
+
+    async def of_message(self, message_id: str) -> list[Delivery]:
+        stmt = self.query().where(Delivery.message_id == message_id).order_by(Delivery.id)
+        return list((await self.session.execute(stmt)).scalars())
+
+
+class AttemptRepository(TenantRepository[Attempt]):
+    model = Attempt
+    not_found_detail = "no such attempt"
+
+
+def _insert(session: AsyncSession) -> Any:
+    return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+
+
+async def insert_message(session: AsyncSession, values: dict[str, Any]) -> bool:
+    """INSERT … ON CONFLICT (tenant_id, idempotency_key) DO NOTHING; True when inserted.
+    Concurrent posts with one key race on the unique index: exactly one inserts."""
+    stmt = (
+        _insert(session)(Message)
+        .values(**values)
+        .on_conflict_do_nothing(index_elements=["tenant_id", "idempotency_key"])
+        .returning(Message.id)
+    )
+    return (await session.execute(stmt)).scalar_one_or_none() is not None
+
+
+async def message_by_key(session: AsyncSession, tenant_id: str, key: str) -> Message | None:
+    stmt = select(Message).where(Message.tenant_id == tenant_id, Message.idempotency_key == key)
+    return (await session.execute(stmt)).scalar_one_or_none()
+
+
+async def release_key(session: AsyncSession, message_id: str) -> None:
+    await session.execute(
+        update(Message)
+        .where(Message.id == message_id)
+        .values(idempotency_key=None)
+        .execution_options(synchronize_session=False)
+    )
+
+
+async def enabled_endpoints(session: AsyncSession, tenant_id: str) -> list[Any]:
+    """(id, fifo, filter_types, channels) of the tenant's enabled endpoints: the columns fan-out
+    needs, without building ORM objects (or reading secrets) for each of them."""
+    stmt = select(Endpoint.id, Endpoint.fifo, Endpoint.filter_types, Endpoint.channels).where(
+        Endpoint.tenant_id == tenant_id, Endpoint.enabled.is_(True)
+    )
+    return list((await session.execute(stmt)).all())
+
+
+async def insert_deliveries(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> None:
+    """One executemany, without the unit of work (100 endpoints are 100 rows per message)."""
+    conn = await session.connection()
+    await conn.execute(insert(_table), list(rows))
+
+
+async def delete_endpoint_rows(session: AsyncSession, endpoint_id: str) -> None:
+    for model in (Attempt, Delivery):
+        await session.execute(
+            delete(model)
+            .where(model.endpoint_id == endpoint_id)
+            .execution_options(synchronize_session=False)
+        )
+    await session.execute(
+        delete(Endpoint)
+        .where(Endpoint.id == endpoint_id)
+        .execution_options(synchronize_session=False)
+    )
+
+
+# --- the sender -------------------------------------------------------------------------------
+
+
+def _fifo_free() -> Any:
+    # A FIFO delivery waits while an older delivery to the same endpoint is unfinished.
+    older = aliased(Delivery)
+    return or_(
+        Delivery.fifo.is_(False),
+        ~exists().where(
+            older.endpoint_id == Delivery.endpoint_id,
+            older.id < Delivery.id,
+            older.status.not_in(FINISHED),
+        ),
+    )
+
+
+async def claim(
+    session: AsyncSession,
+    *,
+    now: dt.datetime,
+    lease_until: dt.datetime,
+    message_ids: Sequence[str] = (),
+    delivery_ids: Sequence[str] = (),
+) -> list[tuple[str, str, str, int]]:
+    """Take the due deliveries of some messages and some single deliveries for one attempt
+    each: (delivery id, endpoint id, message id, attempt number).
+
+    One guarded UPDATE: two workers handed the same work cannot both win a row.
+    """
+    stmt = update(Delivery).where(
+        Delivery.status.in_(("pending", "retrying")),
+        Delivery.next_attempt_at <= now,
+        _fifo_free(),
+    )
+    stmt = stmt.where(
+        or_(Delivery.message_id.in_(list(message_ids)), Delivery.id.in_(list(delivery_ids)))
+    )
+    result = await session.execute(
+        stmt.values(
+            status="sending",
+            attempts=Delivery.attempts + 1,
+            locked_until=lease_until,
+            next_attempt_at=lease_until,
+            updated_at=now,
+        )
+        .returning(Delivery.id, Delivery.endpoint_id, Delivery.message_id, Delivery.attempts)
+        .execution_options(synchronize_session=False)
+    )
+    return [(r[0], r[1], r[2], r[3]) for r in result.all()]
+
+
+async def tenant_settings(session: AsyncSession, tenant_id: str) -> TenantSettings | None:
+    return await session.get(TenantSettings, tenant_id)
+
+
+async def tenant_schedules(
+    session: AsyncSession, tenant_ids: Sequence[str]
+) -> dict[str, list[float]]:
+    """The tenants' own retry schedules, for those that set one."""
+    rows = await session.execute(
+        select(TenantSettings.tenant_id, TenantSettings.retry_schedule_s).where(
+            TenantSettings.tenant_id.in_(set(tenant_ids)),
+            TenantSettings.retry_schedule_s.is_not(None),
+        )
+    )
+    return {r[0]: list(r[1]) for r in rows.all() if r[1]}
+
+
+async def load_for_send(
+    session: AsyncSession, message_ids: Sequence[str], endpoint_ids: Sequence[str]
+) -> tuple[dict[str, Message], dict[str, Endpoint]]:
+    messages = (
+        await session.execute(select(Message).where(Message.id.in_(set(message_ids))))
+    ).scalars()
+    endpoints = (
+        await session.execute(select(Endpoint).where(Endpoint.id.in_(set(endpoint_ids))))
+    ).scalars()
+    return {m.id: m for m in messages}, {e.id: e for e in endpoints}
+
+
+_table = cast(Table, Delivery.__table__)
+_d = _table.c
+
+
+async def finish(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> None:
+    """Record attempt outcomes (one executemany), unless the delivery moved on without us."""
+    if not rows:
+        return
+    stmt = (
+        update(_table)
+        .where(
+            _d.id == bindparam("b_id"),
+            _d.status == "sending",
+            _d.attempts == bindparam("b_attempt"),
+            # The lease is the claim's token: a worker that overran its lease and lost the
+            # delivery to another must not overwrite that one's attempt.
+            _d.locked_until == bindparam("b_lease"),
+        )
+        .values(
+            status=bindparam("b_status"),
+            attempts=_d.attempts + bindparam("b_attempt_delta"),
+            next_attempt_at=bindparam("b_next"),
+            locked_until=None,
+            last_error=bindparam("b_error"),
+            updated_at=bindparam("b_now"),
+            finished_at=bindparam("b_finished"),
+        )
+    )
+    conn = await session.connection()
+    await conn.execute(stmt, list(rows))
+
+
+async def next_fifo(session: AsyncSession, endpoint_ids: Sequence[str]) -> list[tuple[str, str]]:
+    """The oldest unfinished FIFO delivery of each endpoint: (delivery id, tenant id)."""
+    out: list[tuple[str, str]] = []
+    for endpoint_id in endpoint_ids:
+        row = (
+            await session.execute(
+                select(Delivery.id, Delivery.tenant_id)
+                .where(
+                    Delivery.endpoint_id == endpoint_id,
+                    Delivery.status.in_(("pending", "retrying")),
+                )
+                .order_by(Delivery.id)
+                .limit(1)
+            )
+        ).first()
+        if row is not None:
+            out.append((row[0], row[1]))
+    return out
+
+
+# --- the scheduler ----------------------------------------------------------------------------
+
+
+def _dispatchable(now: dt.datetime, stuck_before: dt.datetime) -> Any:
+    return or_(
+        and_(Delivery.status == "retrying", Delivery.next_attempt_at <= now),
+        and_(Delivery.status == "sending", Delivery.next_attempt_at < now),
+        and_(Delivery.status == "pending", Delivery.next_attempt_at < stuck_before),
+    )
+
+
+async def dispatchable(
+    session: AsyncSession, *, now: dt.datetime, stuck_before: dt.datetime, limit: int
+) -> list[str]:
+    stmt = (
+        select(Delivery.id)
+        .where(_dispatchable(now, stuck_before))
+        .order_by(Delivery.next_attempt_at)
+        .limit(limit)
+    )
+    if session.get_bind().dialect.name == "postgresql":
+        stmt = stmt.with_for_update(skip_locked=True)  # several workers' schedulers share
+    return list((await session.execute(stmt)).scalars())
+
+
+async def requeue(
+    session: AsyncSession, ids: Sequence[str], *, now: dt.datetime, stuck_before: dt.datetime
+) -> list[tuple[str, str]]:
+    """Make dispatchable deliveries claimable now; (id, tenant_id) of those moved. An expired
+    lease gives its attempt back: the worker died, the receiver may never have seen it."""
+    result = await session.execute(
+        update(Delivery)
+        .where(Delivery.id.in_(ids), _dispatchable(now, stuck_before))
+        .values(
+            status="pending",
+            attempts=case(
+                (Delivery.status == "sending", Delivery.attempts - 1), else_=Delivery.attempts
+            ),
+            locked_until=None,
+            next_attempt_at=now,
+            updated_at=now,
+        )
+        .returning(Delivery.id, Delivery.tenant_id)
+        .execution_options(synchronize_session=False)
+    )
+    return [(r[0], r[1]) for r in result.all()]
+
+
+async def rerun(
+    session: AsyncSession,
+    *,
+    tenant_id: str,
+    now: dt.datetime,
+    statuses: Sequence[str],
+    message_id: str | None = None,
+    endpoint_id: str | None = None,
+    since: dt.datetime | None = None,
+) -> list[tuple[str, str]]:
+    """Send finished deliveries round again with a fresh attempt budget: (id, message id)."""
+    stmt = update(Delivery).where(Delivery.tenant_id == tenant_id, Delivery.status.in_(statuses))
+    if message_id is not None:
+        stmt = stmt.where(Delivery.message_id == message_id)
+    if endpoint_id is not None:
+        stmt = stmt.where(Delivery.endpoint_id == endpoint_id)
+    if since is not None:
+        stmt = stmt.where(Delivery.created_at >= since)
+    result = await session.execute(
+        stmt.values(
+            status="pending",
+            attempts=0,
+            next_attempt_at=now,
+            locked_until=None,
+            last_error=None,
+            finished_at=None,
+            updated_at=now,
+        )
+        .returning(Delivery.id, Delivery.message_id)
+        .execution_options(synchronize_session=False)
+    )
+    return [(r[0], r[1]) for r in result.all()]

@@ -1,0 +1,235 @@
+"""Sending: claim due deliveries, sign, POST (with failover), log every attempt, schedule the
+retry or declare the delivery dead. Each step is its own short transaction and none is held
+while a request is in flight. Safe to run twice: a claim is one guarded UPDATE, and an outcome
+is recorded only while the worker still holds the attempt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from relayport.core.crypto import DecryptionError
+from relayport.core.db import utcnow
+from relayport.core.platform import Platform
+from relayport.delivery import health, repository, retry, signing
+from relayport.delivery.models import Endpoint, Message
+from relayport.delivery.secrets import open_secrets
+from relayport.delivery.transport import PostResult, Transport, transport_of
+
+log = logging.getLogger("relayport.delivery")
+
+Status = Literal["succeeded", "retrying", "dead"]
+FINISH_WAVE_S = 0.25
+
+
+@dataclass(slots=True)
+class Outcome:
+    delivery_id: str
+    endpoint_id: str
+    message: Message
+    attempt: int
+    status: Status
+    next_at: dt.datetime
+    error: str | None = None
+    # -1 when no request was made (circuit open, rate limited, disabled): the claim's count
+    # is given back, so waiting never burns the attempt budget.
+    attempt_delta: int = 0
+    results: list[PostResult] = field(default_factory=list)
+    probe: bool = False
+    gone: bool = False
+
+    @property
+    def sent(self) -> bool:
+        return bool(self.results)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.results) and self.results[-1].ok
+
+
+@dataclass(slots=True)
+class Gate:
+    """What this batch may do with an endpoint whose circuit is not closed."""
+
+    probe: bool
+    until: dt.datetime
+    used: bool = False
+
+
+async def run(platform: Platform, refs: Sequence[str]) -> int:
+    """Send the due deliveries `refs` name (a message id: all of its deliveries; a delivery
+    id: that one). Returns how many were attempted or deferred."""
+    settings = platform.settings.delivery
+    now = utcnow()
+    lease_until = now + dt.timedelta(seconds=settings.lease_s)
+    # One transaction claims and reads what the sends need: one connection checkout, one
+    # commit (the reads see the rows as claimed).
+    async with platform.db.transaction() as session:
+        claimed = await repository.claim(
+            session,
+            now=now,
+            lease_until=lease_until,
+            message_ids=[r for r in refs if r.startswith("msg_")],
+            delivery_ids=[r for r in refs if not r.startswith("msg_")],
+        )
+        if not claimed:
+            return 0  # a duplicate message, work another worker holds, or not due yet
+        messages, endpoints = await repository.load_for_send(
+            session, [c[2] for c in claimed], [c[1] for c in claimed]
+        )
+        schedules = await repository.tenant_schedules(
+            session, [m.tenant_id for m in messages.values()]
+        )
+    gates = await health.gate_circuits(platform, list(endpoints.values()), now)
+    transport = transport_of(platform)
+    jobs = []
+    for delivery_id, endpoint_id, message_id, attempt in claimed:
+        endpoint, message = endpoints.get(endpoint_id), messages.get(message_id)
+        if endpoint is None or message is None:
+            continue  # deleted with its endpoint after the claim
+        # The endpoint's own schedule, else its tenant's, else the platform's.
+        schedule = (
+            endpoint.retry_schedule_s
+            or schedules.get(endpoint.tenant_id)
+            or platform.settings.delivery.retry_schedule_s
+        )
+        jobs.append(
+            _deliver(platform, transport, delivery_id, endpoint, message, attempt, gates, schedule)
+        )
+    # Record outcomes in waves: a hanging endpoint (up to the total timeout) must not hold
+    # back the bookkeeping, FIFO successors and metrics of the batch's healthy deliveries.
+    pending = {asyncio.ensure_future(job) for job in jobs}
+    while pending:
+        done, pending = await asyncio.wait(pending, timeout=FINISH_WAVE_S)
+        outcomes = []
+        for task in done:
+            if task.exception() is not None:
+                # Left `sending`: the scheduler sends it again once the lease expires.
+                log.error(
+                    "delivery attempt crashed",
+                    exc_info=task.exception(),
+                    extra={"event": "delivery.attempt_error"},
+                )
+            else:
+                outcomes.append(task.result())
+        if outcomes:
+            await health.finish(platform, transport, outcomes, endpoints, lease_until)
+    return len(jobs)
+
+
+def _keys(
+    transport: Transport, platform: Platform, endpoint: Endpoint
+) -> tuple[list[bytes], list[bytes]]:
+    """The active HMAC keys and Ed25519 seeds, cached per endpoint version (decrypting per
+    attempt would cost more than signing)."""
+    now = utcnow()
+    cache_key = (endpoint.id, endpoint.updated_at)
+    cached = transport.keys.get(cache_key)
+    if cached is None or cached[0] <= now:
+        stored = open_secrets(platform.keyring, endpoint)
+        active = [s for s in stored if s.active(now)]
+        hmac_keys = [signing.secret_key(s.value) for s in active if not s.is_ed25519]
+        seeds = [signing.ed25519_seed(s.value) for s in active if s.is_ed25519]
+        expiries = [s.expires_at for s in active if s.expires_at is not None]
+        # Valid until the next secret expires (at most a minute, to bound the cache's age).
+        valid_until = min([*expiries, now + dt.timedelta(seconds=60)])
+        cached = transport.keys[cache_key] = (valid_until, hmac_keys, seeds)
+        if len(transport.keys) > 10_000:
+            transport.keys.clear()
+            transport.keys[cache_key] = cached
+    return cached[1], cached[2]
+
+
+async def _deliver(
+    platform: Platform,
+    transport: Transport,
+    delivery_id: str,
+    endpoint: Endpoint,
+    message: Message,
+    attempt: int,
+    gates: dict[str, Gate],
+    schedule: Sequence[float],
+) -> Outcome:
+    settings = platform.settings.delivery
+    now = utcnow()
+
+    def wait(until: dt.datetime, why: str) -> Outcome:
+        return Outcome(
+            delivery_id, endpoint.id, message, attempt, "retrying", until, why, attempt_delta=-1
+        )
+
+    if not endpoint.enabled:
+        return Outcome(
+            delivery_id,
+            endpoint.id,
+            message,
+            attempt,
+            "dead",
+            now,
+            f"endpoint disabled ({endpoint.disabled_reason})",
+            attempt_delta=-1,
+        )
+    gate = gates.get(endpoint.id)
+    probe = False
+    if gate is not None:
+        if not gate.probe or gate.used:
+            return wait(gate.until, "circuit open")
+        gate.used = probe = True
+    if endpoint.rate_limit_per_s:
+        rate = endpoint.rate_limit_per_s
+        decision = await platform.limiter.hit(
+            f"delivery:ep:{endpoint.id}", rate=rate, burst=max(1, math.ceil(rate))
+        )
+        if not decision.allowed:
+            later = now + dt.timedelta(seconds=max(decision.retry_after_s, 0.01))
+            return wait(later, "endpoint rate limit")
+    try:
+        hmac_keys, seeds = _keys(transport, platform, endpoint)
+    except (DecryptionError, signing.InvalidSecret):
+        log.error(
+            "endpoint secrets unusable",
+            extra={"event": "delivery.secrets_unreadable", "endpoint_id": endpoint.id},
+        )
+        return wait(now + dt.timedelta(seconds=300), "endpoint secrets unreadable")
+    headers = {
+        "content-type": "application/json",
+        **endpoint.headers,
+        **signing.headers(
+            hmac_keys, message.id, int(time.time()), message.body, ed25519_seeds=seeds
+        ),
+    }
+    outcome = Outcome(delivery_id, endpoint.id, message, attempt, "succeeded", now, probe=probe)
+    urls = transport.urls(endpoint.id, [endpoint.url, *endpoint.fallback_urls], endpoint.routing)
+    for url in urls:
+        result = await transport.post(url, message.body, headers)
+        outcome.results.append(result)
+        transport.learn(endpoint.id, result)
+        if result.ok or not result.try_next_url:
+            break
+    last = outcome.results[-1]
+    done = utcnow()
+    outcome.next_at = done
+    if last.ok:
+        return outcome
+    outcome.error = last.error or f"HTTP {last.status}"
+    if last.status == 410:
+        outcome.status, outcome.gone = "dead", True
+        outcome.error = "HTTP 410: the endpoint is gone (disabled)"
+        return outcome
+    delay = retry.delay_after(attempt, schedule, jitter=settings.retry_jitter)
+    if delay is None:
+        outcome.status = "dead"
+        return outcome
+    if last.status in (429, 503):
+        wish = retry.parse_retry_after(last.retry_after, done)
+        delay = retry.honour_retry_after(delay, wish, settings.retry_after_max_s)
+    outcome.status = "retrying"
+    outcome.next_at = done + dt.timedelta(seconds=delay)
+    return outcome
