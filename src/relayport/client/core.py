@@ -187,16 +187,18 @@ class AsyncConfigClient:
     async def _apply(self, message: dict[str, Any]) -> None:
         old = self.snapshot
         new = apply_message(old, message)
-        self.snapshot = new
-        await self._save_cache()
-        for callback in self._callbacks:
-            try:
-                result = callback(old.config, new.config, new.revision)
-                if asyncio.iscoroutine(result):
-                    await result
-            except Exception:  # a failing callback must not stop the stream
-                log.exception("config change callback failed")
+        # Under the condition's lock: `wait_for(n)` returns only once revision n is saved and
+        # every callback has seen it, not in the gap while the cache file is written.
         async with self._changed:
+            self.snapshot = new
+            await self._save_cache()
+            for callback in self._callbacks:
+                try:
+                    result = callback(old.config, new.config, new.revision)
+                    if asyncio.iscoroutine(result):
+                        await result
+                except Exception:  # a failing callback must not stop the stream
+                    log.exception("config change callback failed")
             self._changed.notify_all()
 
     # --- cache file ---------------------------------------------------------------------
