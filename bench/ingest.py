@@ -545,7 +545,8 @@ async def main_async(args: Any) -> int:
     with tempfile.TemporaryDirectory(prefix="relayport-bench-ingest-") as tmp_name:
         tmp = Path(tmp_name)
         env = _clean_env({SECRET_ENV: secret})
-        for target, factory in (("bare", "bare_app"), ("verify", "verify_app")):
+        baselines = () if args.no_baselines else (("bare", "bare_app"), ("verify", "verify_app"))
+        for target, factory in baselines:
             server = start(f"bench.ingest:{factory}", env, tmp / f"{target}.log")
             try:
                 await wait_ready_post(server)
@@ -621,6 +622,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=1, help="uncounted seconds per rate")
     parser.add_argument("--profiles", default="embedded,postgres", help="comma-separated")
     parser.add_argument("--max-inflight", type=int, default=2000)
+    parser.add_argument(
+        "--no-baselines", action="store_true", help="skip bare/verify (profiling runs only)"
+    )
     parser.add_argument("--no-worker", action="store_true", help="postgres: no worker process")
     parser.add_argument("--pg-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")

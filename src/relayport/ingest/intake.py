@@ -21,7 +21,6 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from relayport.core.db import utcnow
 from relayport.core.errors import (
-    Conflict,
     NotFound,
     PayloadTooLarge,
     Problem,
@@ -29,13 +28,13 @@ from relayport.core.errors import (
     UnsupportedMediaType,
 )
 from relayport.core.ids import is_valid, new_id
-from relayport.core.outbox import enqueue
 from relayport.core.platform import Platform
 from relayport.core.ratelimit import Limit
 from relayport.ingest import events, repository, signatures
+from relayport.ingest.inbox import NewEvent, inbox_writer
 from relayport.ingest.metrics import JOBS_CREATED, UNKNOWN_SOURCE, WEBHOOKS_RECEIVED
-from relayport.ingest.models import Job, Rejection
-from relayport.ingest.service import QUEUE, needs_json
+from relayport.ingest.models import Rejection
+from relayport.ingest.service import needs_json
 from relayport.ingest.sources_cache import SourceConfig, source_cache
 
 log = logging.getLogger("relayport.ingest")
@@ -196,57 +195,46 @@ async def accept(
     key = events.dedup_key(source.scheme, verified, headers, body, payload)
     if len(key) > MAX_KEY_CHARS:
         key = events.body_hash(key.encode())
-    event_id = new_id("evt")
-    inserted = await repository.insert_event(
-        session,
-        {
-            "id": event_id,
-            "tenant_id": source.tenant_id,
-            "source_id": source.id,
-            "dedup_key": key,
-            "type": events.event_type(
-                source.scheme, headers, payload, type_pointer=source.type_pointer
-            ),
-            "subject": _subject(source.scheme, headers, payload),
-            "body": body,
-            "size": len(body),
-            "sha256": hashlib.sha256(body).hexdigest(),
-            "headers": kept_headers(headers, source),
-            "received_at": now,
-            "duplicate_count": 0,
-        },
-    )
-    if inserted:
-        job_id = new_id("job")
-        session.add(
-            Job(
-                id=job_id,
-                tenant_id=source.tenant_id,
-                source_id=source.id,
-                event_id=event_id,
-                status="queued",
-                attempts=0,
-                max_attempts=source.max_attempts,
-                next_attempt_at=now,
-                created_at=now,
-                updated_at=now,
-            )
-        )
-        enqueue(
-            session,
-            topic=QUEUE,
-            payload=job_id.encode(),
-            message_id=job_id,
-            tenant_id=source.tenant_id,
-        )
+    row = {
+        "id": new_id("evt"),
+        "tenant_id": source.tenant_id,
+        "source_id": source.id,
+        "dedup_key": key,
+        "type": events.event_type(
+            source.scheme, headers, payload, type_pointer=source.type_pointer
+        ),
+        "subject": _subject(source.scheme, headers, payload),
+        "body": body,
+        "size": len(body),
+        "sha256": hashlib.sha256(body).hexdigest(),
+        "headers": kept_headers(headers, source),
+        "received_at": now,
+        "duplicate_count": 0,
+    }
+    try:
+        stored = await inbox_writer(platform).submit(NewEvent(row, source.max_attempts))
+    except Problem:
+        raise
+    except Exception as exc:
+        # Not stored (or not known to be): never a 202. The provider retries, and if the row
+        # did commit after all, its retry is acknowledged as a duplicate.
+        _count(source.id, "unavailable")
+        log.error(
+            "delivery not stored",
+            extra={"event": "ingest.store_failed", "source_id": source.id,
+                   "error": f"{type(exc).__name__}: {exc}"[:300]},
+        )  # fmt: skip
+        raise Problem(
+            "the delivery could not be stored; send it again",
+            status=503,
+            slug="ingest-unavailable",
+            title="Delivery not stored",
+            headers={"Retry-After": "1"},
+        ) from exc
+    if stored.status == "accepted":
         JOBS_CREATED.inc()
-        _count(source.id, "accepted")
-        return Outcome("accepted", event_id)
-    original = await repository.count_duplicate(session, source.id, key)
-    if original is None:  # deleted between our INSERT and UPDATE: only a source deletion does
-        raise Conflict("the source changed while this delivery was stored; send it again")
-    _count(source.id, "duplicate")
-    return Outcome("duplicate", original)
+    _count(source.id, stored.status)
+    return Outcome(stored.status, stored.event_id)
 
 
 async def _verify(
