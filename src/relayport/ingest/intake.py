@@ -1,14 +1,17 @@
 """The public ingest path: find the source, spend its limits, read the body within its size,
-verify the signature, then store inbox row + job + outbox row in the request's one transaction.
+verify the signature, then store inbox row + job + outbox row.
 
-Takes a session and never commits (the request's session dependency does, before the answer
-goes out, so a 202 means the event is durable). Every outcome is counted in
+The store goes through the process's group committer (`inbox`): this request's rows commit in
+one transaction with those of concurrent requests, and `accept` returns only after that
+commit, so a 202 means the event is durable. A refused signature's rejection row is committed
+in its own transaction before the 401. Every outcome is counted in
 `webhooks_received_total{source,result}`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import hashlib
 import logging
@@ -16,8 +19,6 @@ import re
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
-
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from relayport.core.db import utcnow
 from relayport.core.errors import (
@@ -31,6 +32,7 @@ from relayport.core.ids import is_valid, new_id
 from relayport.core.platform import Platform
 from relayport.core.ratelimit import Limit
 from relayport.ingest import events, repository, signatures
+from relayport.ingest.batcher import sqlite_write_lock
 from relayport.ingest.inbox import NewEvent, inbox_writer
 from relayport.ingest.metrics import JOBS_CREATED, UNKNOWN_SOURCE, WEBHOOKS_RECEIVED
 from relayport.ingest.models import Rejection
@@ -169,20 +171,28 @@ def kept_headers(
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    status: Literal["accepted", "duplicate"]
-    event_id: str
+    status: Literal["accepted", "duplicate", "challenge"]
+    event_id: str  # for "challenge": the challenge to echo
+
+    @property
+    def status_code(self) -> int:
+        return 202 if self.status == "accepted" else 200
+
+    def body(self) -> dict[str, str]:
+        if self.status == "challenge":
+            return {"challenge": self.event_id}
+        return {"status": self.status, "event_id": self.event_id}
 
 
 async def accept(
     platform: Platform,
-    session: AsyncSession,
     source: SourceConfig,
     headers: Mapping[str, str],
     body: bytes,
 ) -> Outcome:
     """Verify, normalize and store one delivery. `headers` have lower-case names."""
     now = utcnow()
-    verified = await _verify(session, source, headers, body, now)
+    verified = await _verify(platform, source, headers, body, now)
     try:
         payload: Any = events.parse_json(body)
     except ValueError:
@@ -192,6 +202,12 @@ async def accept(
                 f"a {source.scheme} source takes a JSON body", slug="unsupported-media-type"
             ) from None
         payload = None
+    challenge = _slack_challenge(source.scheme, payload)
+    if challenge is not None:
+        # Slack's URL verification: a signed handshake when the Events API URL is set up, to be
+        # answered with its challenge; not an event, so nothing is stored.
+        _count(source.id, "challenge")
+        return Outcome("challenge", challenge)
     key = events.dedup_key(source.scheme, verified, headers, body, payload)
     if len(key) > MAX_KEY_CHARS:
         key = events.body_hash(key.encode())
@@ -238,7 +254,7 @@ async def accept(
 
 
 async def _verify(
-    session: AsyncSession,
+    platform: Platform,
     source: SourceConfig,
     headers: Mapping[str, str],
     body: bytes,
@@ -258,35 +274,53 @@ async def _verify(
     except signatures.SignatureError as exc:
         reason = exc.reason
     _count(source.id, "invalid_signature")
-    session.add(
-        Rejection(
-            id=new_id("rej"),
-            tenant_id=source.tenant_id,
-            source_id=source.id,
-            reason=reason,
-            received_at=now,
-            headers=kept_headers(headers, source, with_signatures=True),
-            body_prefix=body[:REJECTION_BODY_BYTES],
-            body_size=len(body),
+    # Its own transaction, committed before the 401 goes out: the row is the point of it.
+    async with (
+        sqlite_write_lock(platform) or contextlib.nullcontext(),
+        platform.db.transaction() as session,
+    ):
+        session.add(
+            Rejection(
+                id=new_id("rej"),
+                tenant_id=source.tenant_id,
+                source_id=source.id,
+                reason=reason,
+                received_at=now,
+                headers=kept_headers(headers, source, with_signatures=True),
+                body_prefix=body[:REJECTION_BODY_BYTES],
+                body_size=len(body),
+            )
         )
-    )
-    await session.flush()
-    await repository.prune_rejections(
-        session, source.id, keep=REJECTIONS_KEPT, older_than=now - REJECTIONS_MAX_AGE
-    )
+        await session.flush()
+        await repository.prune_rejections(
+            session, source.id, keep=REJECTIONS_KEPT, older_than=now - REJECTIONS_MAX_AGE
+        )
     log.info(
         "webhook rejected",
         extra={"event": "ingest.rejected", "source_id": source.id, "reason": reason},
     )
-    # commit=True: the rejection row is the point of this transaction.
     raise Problem(
         f"signature verification failed: {reason}",
         status=401,
         slug="invalid-signature",
         title="Invalid signature",
-        commit=True,
         reason=reason,
     )
+
+
+MAX_CHALLENGE_CHARS = 200
+
+
+def _slack_challenge(scheme: str, payload: Any) -> str | None:
+    """The challenge of a Slack `url_verification` request, None for anything else."""
+    if scheme != "slack" or not isinstance(payload, dict):
+        return None
+    if payload.get("type") != "url_verification":
+        return None
+    challenge = payload.get("challenge")
+    if not isinstance(challenge, str) or not 0 < len(challenge) <= MAX_CHALLENGE_CHARS:
+        return None
+    return None if _CONTROL.search(challenge) else challenge
 
 
 def _text(value: Any) -> str | None:
