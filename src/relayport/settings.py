@@ -147,13 +147,13 @@ class IngestSettings(BaseModel):
         default=100, ge=1, le=1000, description="Most deliveries stored in one transaction."
     )
     batch_max_wait_ms: float = Field(
-        default=1.0,
+        default=2.0,
         ge=0,
         le=50,
         description="Longest a delivery waits for others to share its transaction.",
     )
     batch_concurrency: int = Field(
-        default=4,
+        default=2,
         ge=1,
         le=64,
         description="Transactions of deliveries written at once (PostgreSQL; SQLite uses 1).",

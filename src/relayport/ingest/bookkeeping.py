@@ -21,15 +21,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from relayport.core.db import utcnow
 from relayport.core.platform import Platform
-from relayport.ingest import repository
+from relayport.ingest import job_repository as repository
 from relayport.ingest.batcher import GroupCommit, sqlite_write_lock
-from relayport.ingest.models import InboxEvent
+from relayport.ingest.job_repository import EventToRun
 
 _CLAIMS_KEY = "ingest.job_claims"
 _OUTCOMES_KEY = "ingest.job_outcomes"
-# Bookkeeping does not wait for company: a batch starts as soon as the previous one is done,
-# and what arrives meanwhile forms the next one.
-_MAX_WAIT_S = 0.0
 _PG_CONCURRENCY = 2
 
 
@@ -40,8 +37,7 @@ class Claim:
     job_id: str
     attempt: int
     max_attempts: int
-    event: InboxEvent
-    handler: str
+    event: EventToRun
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +82,7 @@ def _committer(platform: Platform, write: Any, name: str) -> GroupCommit[Any, An
         write,
         name=name,
         max_items=settings.batch_max_rows,
-        max_wait_s=_MAX_WAIT_S,
+        max_wait_s=settings.batch_max_wait_ms / 1000,
         concurrency=1 if sqlite else _PG_CONCURRENCY,
         lock=sqlite_write_lock(platform),
     )
@@ -98,17 +94,16 @@ async def _claim(
     now = utcnow()
     lease_until = now + dt.timedelta(seconds=lease_s)
     claimed = await repository.claim_jobs(session, job_ids, now=now, lease_until=lease_until)
-    found = await repository.events_and_sources(session, [c[0] for c in claimed.values()])
+    found = await repository.events_to_run(session, [c[0] for c in claimed.values()])
     results: list[Claim | None] = []
     for job_id in job_ids:
         # The same job twice in one batch (a redelivered message): only the first runs it.
         got = claimed.pop(job_id, None)
-        pair = found.get(got[0]) if got is not None else None
-        if got is None or pair is None:  # not ours, or deleted with its source meanwhile
+        event = found.get(got[0]) if got is not None else None
+        if got is None or event is None:  # not ours, or deleted with its source meanwhile
             results.append(None)
             continue
-        event, source = pair
-        results.append(Claim(job_id, got[1], got[2], event, source.handler))
+        results.append(Claim(job_id, got[1], got[2], event))
     return results
 
 
@@ -117,25 +112,15 @@ async def _finish(session: AsyncSession, items: Sequence[Outcome]) -> list[bool]
     # them all; failures carry their own error and retry time.
     done = utcnow()
     succeeded = [(o.job_id, o.attempt) for o in items if o.status == "succeeded"]
-    recorded = await repository.finish_jobs(
-        session,
-        succeeded,
-        values={
-            "status": "succeeded",
-            "locked_until": None,
-            "updated_at": done,
-            "next_attempt_at": done,
-            "finished_at": done,
-            "last_error": None,
-        },
-    )
+    recorded = await repository.finish_succeeded(session, succeeded, done=done)
     results: list[bool] = []
     for outcome in items:
         if outcome.status == "succeeded":
             results.append(outcome.job_id in recorded)
             continue
-        ids = await repository.finish_jobs(
-            session, [(outcome.job_id, outcome.attempt)], values=outcome.values
+        results.append(
+            await repository.finish_job(
+                session, outcome.job_id, attempt=outcome.attempt, values=outcome.values
+            )
         )
-        results.append(outcome.job_id in ids)
     return results

@@ -54,7 +54,9 @@ async def run_job(platform: Platform, job_id: str) -> Outcome | None:
         # its source.
         return None
     attempt = claim.attempt
-    error = await _run_handler(platform, claim.handler, cloudevent(claim.event), settings.lease_s)
+    error = await _run_handler(
+        platform, claim.event.handler, cloudevent(claim.event), settings.lease_s
+    )
     done = utcnow()
     # A finished job's next_attempt_at says when it finished, not a lease end in the future.
     values: dict[str, Any] = {"locked_until": None, "updated_at": done, "next_attempt_at": done}

@@ -9,7 +9,7 @@ import functools
 from collections.abc import Sequence
 from typing import Any, cast
 
-from sqlalchemy import Select, Table, and_, delete, or_, select, tuple_, update
+from sqlalchemy import Select, Table, and_, delete, or_, select, update
 from sqlalchemy import insert as sa_insert
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -173,70 +173,6 @@ async def delete_source_rows(session: AsyncSession, source_id: str) -> None:
 
 
 # --- jobs -------------------------------------------------------------------------------------
-
-
-async def claim_jobs(
-    session: AsyncSession, job_ids: Sequence[str], *, now: dt.datetime, lease_until: dt.datetime
-) -> dict[str, tuple[str, int, int]]:
-    """Take due jobs for one attempt each: {job id: (event_id, attempt number, max attempts)}
-    for those that were ours to run.
-
-    One guarded UPDATE, so two workers handed the same message cannot both win: the loser's
-    WHERE no longer matches once the winner's change is visible (PostgreSQL re-checks it after
-    waiting on the row lock; SQLite has one writer at a time). While running, `next_attempt_at`
-    is the lease's end, so the scheduler finds expired leases through the same index.
-    """
-    result = await session.execute(
-        update(Job)
-        .where(
-            Job.id.in_(sorted(set(job_ids))),
-            Job.status.in_(("queued", "retrying")),
-            Job.next_attempt_at <= now,
-            or_(Job.locked_until.is_(None), Job.locked_until < now),
-            Job.attempts < Job.max_attempts,
-        )
-        .values(
-            status="running",
-            attempts=Job.attempts + 1,
-            locked_until=lease_until,
-            next_attempt_at=lease_until,
-            updated_at=now,
-        )
-        .returning(Job.id, Job.event_id, Job.attempts, Job.max_attempts)
-        .execution_options(synchronize_session=False)
-    )
-    return {row[0]: (row[1], row[2], row[3]) for row in result.all()}
-
-
-async def finish_jobs(
-    session: AsyncSession, attempts: Sequence[tuple[str, int]], *, values: dict[str, Any]
-) -> set[str]:
-    """Record one outcome for several attempts, (job id, attempt), except those whose job moved
-    on without us (lease lost); the ids recorded."""
-    if not attempts:
-        return set()
-    result = await session.execute(
-        update(Job)
-        .where(tuple_(Job.id, Job.attempts).in_(sorted(attempts)), Job.status == "running")
-        .values(**values)
-        .returning(Job.id)
-        .execution_options(synchronize_session=False)
-    )
-    return set(result.scalars())
-
-
-async def events_and_sources(
-    session: AsyncSession, event_ids: Sequence[str]
-) -> dict[str, tuple[InboxEvent, Source]]:
-    """Events by id with their sources (those still there: a source deletion removes both)."""
-    if not event_ids:
-        return {}
-    rows = await session.execute(
-        select(InboxEvent, Source)
-        .join(Source, Source.id == InboxEvent.source_id)
-        .where(InboxEvent.id.in_(sorted(set(event_ids))))
-    )
-    return {row[0].id: (row[0], row[1]) for row in rows.all()}
 
 
 def _lease_expired(now: dt.datetime) -> Any:
