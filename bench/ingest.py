@@ -220,6 +220,8 @@ async def _load(spec: dict[str, Any]) -> dict[str, Any]:
                 done_at.append(now)
             else:
                 label = f"HTTP {status}" if status is not None else "connection error/timeout"
+                if status is not None and status >= 400:
+                    label += _problem_type(text)  # 503 overloaded and ingest-unavailable apart
                 errors[label] += 1
                 samples.setdefault(label, text.decode(errors="replace")[:300])
 
@@ -266,6 +268,14 @@ async def _load(spec: dict[str, Any]) -> dict[str, Any]:
         "client_cpu_s": (after.ru_utime - usage.ru_utime) + (after.ru_stime - usage.ru_stime),
         "wall_s": time.perf_counter() - t0,
     }
+
+
+def _problem_type(body: bytes) -> str:
+    try:
+        kind = json.loads(body).get("type")
+    except (ValueError, AttributeError):
+        return ""
+    return f" {kind}" if isinstance(kind, str) else ""
 
 
 def loadgen_main(spec_json: str) -> None:
