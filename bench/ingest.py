@@ -220,6 +220,8 @@ async def _load(spec: dict[str, Any]) -> dict[str, Any]:
                 done_at.append(now)
             else:
                 label = f"HTTP {status}" if status is not None else "connection error/timeout"
+                if status is not None and status >= 400:
+                    label += _problem_type(text)  # 503 overloaded and ingest-unavailable apart
                 errors[label] += 1
                 samples.setdefault(label, text.decode(errors="replace")[:300])
 
@@ -266,6 +268,14 @@ async def _load(spec: dict[str, Any]) -> dict[str, Any]:
         "client_cpu_s": (after.ru_utime - usage.ru_utime) + (after.ru_stime - usage.ru_stime),
         "wall_s": time.perf_counter() - t0,
     }
+
+
+def _problem_type(body: bytes) -> str:
+    try:
+        kind = json.loads(body).get("type")
+    except (ValueError, AttributeError):
+        return ""
+    return f" {kind}" if isinstance(kind, str) else ""
 
 
 def loadgen_main(spec_json: str) -> None:
@@ -545,7 +555,8 @@ async def main_async(args: Any) -> int:
     with tempfile.TemporaryDirectory(prefix="relayport-bench-ingest-") as tmp_name:
         tmp = Path(tmp_name)
         env = _clean_env({SECRET_ENV: secret})
-        for target, factory in (("bare", "bare_app"), ("verify", "verify_app")):
+        baselines = () if args.no_baselines else (("bare", "bare_app"), ("verify", "verify_app"))
+        for target, factory in baselines:
             server = start(f"bench.ingest:{factory}", env, tmp / f"{target}.log")
             try:
                 await wait_ready_post(server)
@@ -621,6 +632,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=1, help="uncounted seconds per rate")
     parser.add_argument("--profiles", default="embedded,postgres", help="comma-separated")
     parser.add_argument("--max-inflight", type=int, default=2000)
+    parser.add_argument(
+        "--no-baselines", action="store_true", help="skip bare/verify (profiling runs only)"
+    )
     parser.add_argument("--no-worker", action="store_true", help="postgres: no worker process")
     parser.add_argument("--pg-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")

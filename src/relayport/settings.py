@@ -142,6 +142,22 @@ class IngestSettings(BaseModel):
     source_requests_per_second: float = Field(default=1000, gt=0)
     source_burst: int = Field(default=2000, gt=0)
     source_cache_ttl_s: float = Field(default=5, ge=0)
+    # Group commit of accepted deliveries: concurrent requests' rows share one transaction.
+    batch_max_rows: int = Field(
+        default=100, ge=1, le=1000, description="Most deliveries stored in one transaction."
+    )
+    batch_max_wait_ms: float = Field(
+        default=2.0,
+        ge=0,
+        le=50,
+        description="Longest a delivery waits for others to share its transaction.",
+    )
+    batch_concurrency: int = Field(
+        default=2,
+        ge=1,
+        le=64,
+        description="Transactions of deliveries written at once (PostgreSQL; SQLite uses 1).",
+    )
 
 
 def _b64decode(value: str) -> bytes:

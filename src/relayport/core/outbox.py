@@ -70,24 +70,46 @@ def enqueue(
     `message_id` defaults to the row id. After committing, call `OutboxRelay.wake()` to have
     it published now rather than at the relay's next poll.
     """
-    check_queue_name(topic)  # fail in the caller's transaction, not forever in the relay
-    row_id = new_id("obx")
-    now = utcnow()
     row = OutboxMessage(
-        id=row_id,
-        tenant_id=tenant_id,
-        topic=topic,
-        message_id=message_id or row_id,
-        payload=payload,
-        headers=dict(headers or {}),
-        created_at=now,
-        available_at=now,
-        attempts=0,
-        last_error=None,
-        sent_at=None,
+        **outbox_values(
+            topic=topic,
+            payload=payload,
+            message_id=message_id,
+            tenant_id=tenant_id,
+            headers=headers,
+        )
     )
     session.add(row)
     return row
+
+
+def outbox_values(
+    *,
+    topic: str,
+    payload: bytes,
+    message_id: str | None = None,
+    tenant_id: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    now: dt.datetime | None = None,
+) -> dict[str, Any]:
+    """The column values of one new outbox row, for callers that insert many rows at once
+    (`insert(OutboxMessage).values([...])`) in their transaction instead of `enqueue`."""
+    check_queue_name(topic)  # fail in the caller's transaction, not forever in the relay
+    row_id = new_id("obx")
+    now = now or utcnow()
+    return {
+        "id": row_id,
+        "tenant_id": tenant_id,
+        "topic": topic,
+        "message_id": message_id or row_id,
+        "payload": payload,
+        "headers": dict(headers or {}),
+        "created_at": now,
+        "available_at": now,
+        "attempts": 0,
+        "last_error": None,
+        "sent_at": None,
+    }
 
 
 def publish_backoff_ms(attempts: int, cap_ms: int, rng: random.Random | None = None) -> int:

@@ -1,14 +1,17 @@
 """The public ingest path: find the source, spend its limits, read the body within its size,
-verify the signature, then store inbox row + job + outbox row in the request's one transaction.
+verify the signature, then store inbox row + job + outbox row.
 
-Takes a session and never commits (the request's session dependency does, before the answer
-goes out, so a 202 means the event is durable). Every outcome is counted in
+The store goes through the process's group committer (`inbox`): this request's rows commit in
+one transaction with those of concurrent requests, and `accept` returns only after that
+commit, so a 202 means the event is durable. A refused signature's rejection row is committed
+in its own transaction before the 401. Every outcome is counted in
 `webhooks_received_total{source,result}`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import hashlib
 import logging
@@ -17,11 +20,8 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from sqlalchemy.ext.asyncio import AsyncSession
-
 from relayport.core.db import utcnow
 from relayport.core.errors import (
-    Conflict,
     NotFound,
     PayloadTooLarge,
     Problem,
@@ -29,13 +29,14 @@ from relayport.core.errors import (
     UnsupportedMediaType,
 )
 from relayport.core.ids import is_valid, new_id
-from relayport.core.outbox import enqueue
 from relayport.core.platform import Platform
 from relayport.core.ratelimit import Limit
 from relayport.ingest import events, repository, signatures
+from relayport.ingest.batcher import sqlite_write_lock
+from relayport.ingest.inbox import NewEvent, inbox_writer
 from relayport.ingest.metrics import JOBS_CREATED, UNKNOWN_SOURCE, WEBHOOKS_RECEIVED
-from relayport.ingest.models import Job, Rejection
-from relayport.ingest.service import QUEUE, needs_json
+from relayport.ingest.models import Rejection
+from relayport.ingest.service import needs_json
 from relayport.ingest.sources_cache import SourceConfig, source_cache
 
 log = logging.getLogger("relayport.ingest")
@@ -170,20 +171,28 @@ def kept_headers(
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    status: Literal["accepted", "duplicate"]
-    event_id: str
+    status: Literal["accepted", "duplicate", "challenge"]
+    event_id: str  # for "challenge": the challenge to echo
+
+    @property
+    def status_code(self) -> int:
+        return 202 if self.status == "accepted" else 200
+
+    def body(self) -> dict[str, str]:
+        if self.status == "challenge":
+            return {"challenge": self.event_id}
+        return {"status": self.status, "event_id": self.event_id}
 
 
 async def accept(
     platform: Platform,
-    session: AsyncSession,
     source: SourceConfig,
     headers: Mapping[str, str],
     body: bytes,
 ) -> Outcome:
     """Verify, normalize and store one delivery. `headers` have lower-case names."""
     now = utcnow()
-    verified = await _verify(session, source, headers, body, now)
+    verified = await _verify(platform, source, headers, body, now)
     try:
         payload: Any = events.parse_json(body)
     except ValueError:
@@ -193,64 +202,59 @@ async def accept(
                 f"a {source.scheme} source takes a JSON body", slug="unsupported-media-type"
             ) from None
         payload = None
+    challenge = _slack_challenge(source.scheme, payload)
+    if challenge is not None:
+        # Slack's URL verification: a signed handshake when the Events API URL is set up, to be
+        # answered with its challenge; not an event, so nothing is stored.
+        _count(source.id, "challenge")
+        return Outcome("challenge", challenge)
     key = events.dedup_key(source.scheme, verified, headers, body, payload)
     if len(key) > MAX_KEY_CHARS:
         key = events.body_hash(key.encode())
-    event_id = new_id("evt")
-    inserted = await repository.insert_event(
-        session,
-        {
-            "id": event_id,
-            "tenant_id": source.tenant_id,
-            "source_id": source.id,
-            "dedup_key": key,
-            "type": events.event_type(
-                source.scheme, headers, payload, type_pointer=source.type_pointer
-            ),
-            "subject": _subject(source.scheme, headers, payload),
-            "body": body,
-            "size": len(body),
-            "sha256": hashlib.sha256(body).hexdigest(),
-            "headers": kept_headers(headers, source),
-            "received_at": now,
-            "duplicate_count": 0,
-        },
-    )
-    if inserted:
-        job_id = new_id("job")
-        session.add(
-            Job(
-                id=job_id,
-                tenant_id=source.tenant_id,
-                source_id=source.id,
-                event_id=event_id,
-                status="queued",
-                attempts=0,
-                max_attempts=source.max_attempts,
-                next_attempt_at=now,
-                created_at=now,
-                updated_at=now,
-            )
-        )
-        enqueue(
-            session,
-            topic=QUEUE,
-            payload=job_id.encode(),
-            message_id=job_id,
-            tenant_id=source.tenant_id,
-        )
+    row = {
+        "id": new_id("evt"),
+        "tenant_id": source.tenant_id,
+        "source_id": source.id,
+        "dedup_key": key,
+        "type": events.event_type(
+            source.scheme, headers, payload, type_pointer=source.type_pointer
+        ),
+        "subject": _subject(source.scheme, headers, payload),
+        "body": body,
+        "size": len(body),
+        "sha256": hashlib.sha256(body).hexdigest(),
+        "headers": kept_headers(headers, source),
+        "received_at": now,
+        "duplicate_count": 0,
+    }
+    try:
+        stored = await inbox_writer(platform).submit(NewEvent(row, source.max_attempts))
+    except Problem:
+        raise
+    except Exception as exc:
+        # Not stored (or not known to be): never a 202. The provider retries, and if the row
+        # did commit after all, its retry is acknowledged as a duplicate.
+        _count(source.id, "unavailable")
+        log.error(
+            "delivery not stored",
+            extra={"event": "ingest.store_failed", "source_id": source.id,
+                   "error": f"{type(exc).__name__}: {exc}"[:300]},
+        )  # fmt: skip
+        raise Problem(
+            "the delivery could not be stored; send it again",
+            status=503,
+            slug="ingest-unavailable",
+            title="Delivery not stored",
+            headers={"Retry-After": "1"},
+        ) from exc
+    if stored.status == "accepted":
         JOBS_CREATED.inc()
-        _count(source.id, "accepted")
-        return Outcome("accepted", event_id)
-    original = await repository.count_duplicate(session, source.id, key)
-    if original is None:  # deleted between our INSERT and UPDATE: only a source deletion does
-        raise Conflict("the source changed while this delivery was stored; send it again")
-    _count(source.id, "duplicate")
-    return Outcome("duplicate", original)
+    _count(source.id, stored.status)
+    return Outcome(stored.status, stored.event_id)
 
 
 async def _verify(
-    session: AsyncSession,
+    platform: Platform,
     source: SourceConfig,
     headers: Mapping[str, str],
     body: bytes,
@@ -270,35 +274,53 @@ async def _verify(
     except signatures.SignatureError as exc:
         reason = exc.reason
     _count(source.id, "invalid_signature")
-    session.add(
-        Rejection(
-            id=new_id("rej"),
-            tenant_id=source.tenant_id,
-            source_id=source.id,
-            reason=reason,
-            received_at=now,
-            headers=kept_headers(headers, source, with_signatures=True),
-            body_prefix=body[:REJECTION_BODY_BYTES],
-            body_size=len(body),
+    # Its own transaction, committed before the 401 goes out: the row is the point of it.
+    async with (
+        sqlite_write_lock(platform) or contextlib.nullcontext(),
+        platform.db.transaction() as session,
+    ):
+        session.add(
+            Rejection(
+                id=new_id("rej"),
+                tenant_id=source.tenant_id,
+                source_id=source.id,
+                reason=reason,
+                received_at=now,
+                headers=kept_headers(headers, source, with_signatures=True),
+                body_prefix=body[:REJECTION_BODY_BYTES],
+                body_size=len(body),
+            )
         )
-    )
-    await session.flush()
-    await repository.prune_rejections(
-        session, source.id, keep=REJECTIONS_KEPT, older_than=now - REJECTIONS_MAX_AGE
-    )
+        await session.flush()
+        await repository.prune_rejections(
+            session, source.id, keep=REJECTIONS_KEPT, older_than=now - REJECTIONS_MAX_AGE
+        )
     log.info(
         "webhook rejected",
         extra={"event": "ingest.rejected", "source_id": source.id, "reason": reason},
     )
-    # commit=True: the rejection row is the point of this transaction.
     raise Problem(
         f"signature verification failed: {reason}",
         status=401,
         slug="invalid-signature",
         title="Invalid signature",
-        commit=True,
         reason=reason,
     )
+
+
+MAX_CHALLENGE_CHARS = 200
+
+
+def _slack_challenge(scheme: str, payload: Any) -> str | None:
+    """The challenge of a Slack `url_verification` request, None for anything else."""
+    if scheme != "slack" or not isinstance(payload, dict):
+        return None
+    if payload.get("type") != "url_verification":
+        return None
+    challenge = payload.get("challenge")
+    if not isinstance(challenge, str) or not 0 < len(challenge) <= MAX_CHALLENGE_CHARS:
+        return None
+    return None if _CONTROL.search(challenge) else challenge
 
 
 def _text(value: Any) -> str | None:

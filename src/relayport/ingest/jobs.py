@@ -1,14 +1,16 @@
 """Running jobs: claim one, run its source's handler on the CloudEvent, record the outcome; and
 the scheduler's sweep that sends due retries and jobs of dead workers back through the broker.
 
-Each step is its own short transaction, and none is held while a handler runs. Everything is
-safe to run twice: a claim is one guarded UPDATE, and an outcome is recorded only by the worker
-that still holds the attempt.
+Each step is a short transaction, shared with the claims or outcomes of other jobs running at
+the same time (`bookkeeping`), and none is held while a handler runs. Everything is safe to
+run twice: a claim is one guarded UPDATE, and an outcome is recorded only by the worker that
+still holds the attempt.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import random
@@ -18,7 +20,8 @@ from typing import Any, Literal
 from relayport.core.db import utcnow
 from relayport.core.outbox import enqueue
 from relayport.core.platform import Platform
-from relayport.ingest import handlers, repository
+from relayport.ingest import bookkeeping, handlers, repository
+from relayport.ingest.batcher import sqlite_write_lock
 from relayport.ingest.metrics import DLQ_MESSAGES, JOB_DURATION, JOB_RETRIES, JOBS_PROCESSED
 from relayport.ingest.service import QUEUE, cloudevent
 
@@ -45,19 +48,15 @@ def backoff_s(
 async def run_job(platform: Platform, job_id: str) -> Outcome | None:
     """Run one attempt of a job, if it is due and free; None when there was nothing to do."""
     settings = platform.settings.ingest
-    now = utcnow()
-    lease_until = now + dt.timedelta(seconds=settings.lease_s)
-    async with platform.db.transaction() as session:
-        claimed = await repository.claim_job(session, job_id, now=now, lease_until=lease_until)
-    if claimed is None:
-        return None  # a duplicate message, a job another worker runs, or one not due yet
-    event_id, attempt, max_attempts = claimed
-    async with platform.db.sessions() as session:
-        found = await repository.event_and_source(session, event_id)
-    if found is None:
-        return None  # deleted with its source after the claim
-    event, source = found
-    error = await _run_handler(platform, source.handler, cloudevent(event), settings.lease_s)
+    claim = await bookkeeping.claims(platform).submit(job_id)
+    if claim is None:
+        # A duplicate message, a job another worker runs, one not due yet, or one deleted with
+        # its source.
+        return None
+    attempt = claim.attempt
+    error = await _run_handler(
+        platform, claim.event.handler, cloudevent(claim.event), settings.lease_s
+    )
     done = utcnow()
     # A finished job's next_attempt_at says when it finished, not a lease end in the future.
     values: dict[str, Any] = {"locked_until": None, "updated_at": done, "next_attempt_at": done}
@@ -65,7 +64,7 @@ async def run_job(platform: Platform, job_id: str) -> Outcome | None:
     if error is None:
         outcome = "succeeded"
         values |= {"status": outcome, "finished_at": done, "last_error": None}
-    elif attempt >= max_attempts:
+    elif attempt >= claim.max_attempts:
         outcome = "dead"
         values |= {"status": outcome, "finished_at": done, "last_error": error}
     else:
@@ -76,8 +75,9 @@ async def run_job(platform: Platform, job_id: str) -> Outcome | None:
             "next_attempt_at": done + dt.timedelta(seconds=delay),
             "last_error": error,
         }
-    async with platform.db.transaction() as session:
-        recorded = await repository.finish_job(session, job_id, attempt=attempt, values=values)
+    recorded = await bookkeeping.outcomes(platform).submit(
+        bookkeeping.Outcome(job_id, attempt, outcome, values)
+    )
     if not recorded:
         # Our lease ran out and the scheduler gave the job to another worker: its word counts.
         log.warning(
@@ -132,7 +132,10 @@ async def dispatch_due(platform: Platform, *, limit: int = DISPATCH_BATCH) -> in
     settings = platform.settings.ingest
     now = utcnow()
     stuck_before = now - dt.timedelta(seconds=settings.requeue_stuck_after_s)
-    async with platform.db.transaction() as session:
+    async with (
+        sqlite_write_lock(platform) or contextlib.nullcontext(),
+        platform.db.transaction() as session,
+    ):
         ids = await repository.dispatchable(
             session, now=now, stuck_before=stuck_before, limit=limit
         )

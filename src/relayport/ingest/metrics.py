@@ -13,7 +13,8 @@ UNKNOWN_SOURCE = "_unknown"
 WEBHOOKS_RECEIVED = Counter(
     "webhooks_received_total",
     "Inbound webhook requests by source and result (accepted, duplicate, invalid_signature, "
-    "too_large, unsupported_media_type, rate_limited, disabled, not_found).",
+    "too_large, unsupported_media_type, rate_limited, disabled, not_found, challenge, "
+    "unavailable).",
     ["source", "result"],
     registry=REGISTRY,
 )

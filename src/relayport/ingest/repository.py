@@ -5,14 +5,17 @@ whose tenant is already known from a source or a job id."""
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Select, and_, delete, or_, select, update
+from sqlalchemy import Select, Table, and_, delete, or_, select, update
+from sqlalchemy import insert as sa_insert
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import defer
 
+from relayport.core.db import Base
 from relayport.core.repository import TenantRepository
 from relayport.core.tenants import Tenant
 from relayport.ingest.models import InboxEvent, Job, Rejection, Source
@@ -59,28 +62,74 @@ async def source_with_plan(session: AsyncSession, source_id: str) -> tuple[Sourc
     return None if row is None else (row[0], row[1])
 
 
-async def insert_event(session: AsyncSession, values: dict[str, Any]) -> bool:
-    """INSERT … ON CONFLICT (source_id, dedup_key) DO NOTHING; True when this call inserted.
+# Batches go out as executemany of one cached single-row statement, which SQLAlchemy sends as
+# multi-row INSERTs ("insertmanyvalues") without compiling anything per batch. Chunks of these
+# sizes (largest first) keep the distinct SQL strings a connection sees, and so its prepared
+# statements, to a handful instead of one per batch size.
+_CHUNKS = (64, 16, 4, 1)
+
+
+def _chunks(rows: Sequence[dict[str, Any]]) -> list[Sequence[dict[str, Any]]]:
+    out = []
+    start = 0
+    while start < len(rows):
+        size = next(n for n in _CHUNKS if n <= len(rows) - start)
+        out.append(rows[start : start + size])
+        start += size
+    return out
+
+
+@functools.cache
+def _insert_events_stmt(dialect: str) -> Any:
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    table = cast(Table, InboxEvent.__table__)
+    return (
+        insert(table)
+        .on_conflict_do_nothing(index_elements=["source_id", "dedup_key"])
+        .returning(table.c.id)
+    )
+
+
+@functools.cache
+def _insert_stmt(table: Any) -> Any:
+    return sa_insert(table)
+
+
+async def insert_events(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> list[str]:
+    """INSERT … ON CONFLICT (source_id, dedup_key) DO NOTHING RETURNING id: the inserted ids.
 
     Concurrent deliveries of one event race here, and the unique index decides: exactly one
     inserts, the others wait for it to commit and then insert nothing.
     """
-    insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
-    stmt = (
-        insert(InboxEvent)
-        .values(**values)
-        .on_conflict_do_nothing(index_elements=["source_id", "dedup_key"])
-        .returning(InboxEvent.id)
-    )
-    return (await session.execute(stmt)).scalar_one_or_none() is not None
+    connection = await session.connection()
+    stmt = _insert_events_stmt(connection.dialect.name)
+    ids: list[str] = []
+    for chunk in _chunks(rows):
+        ids.extend((await connection.execute(stmt, list(chunk))).scalars())
+    return ids
 
 
-async def count_duplicate(session: AsyncSession, source_id: str, dedup_key: str) -> str | None:
-    """Add one to the original's duplicate_count in the database (atomic); its id, if it exists."""
+async def insert_rows(
+    session: AsyncSession, table: type[Base], rows: Sequence[dict[str, Any]]
+) -> None:
+    """Plain inserts of many rows (new jobs, their outbox rows)."""
+    if not rows:
+        return
+    connection = await session.connection()
+    stmt = _insert_stmt(table.__table__)
+    for chunk in _chunks(rows):
+        await connection.execute(stmt, list(chunk))
+
+
+async def count_duplicates(
+    session: AsyncSession, source_id: str, dedup_key: str, count: int
+) -> str | None:
+    """Add `count` to the original's duplicate_count in the database (atomic); its id, if it
+    exists."""
     result = await session.execute(
         update(InboxEvent)
         .where(InboxEvent.source_id == source_id, InboxEvent.dedup_key == dedup_key)
-        .values(duplicate_count=InboxEvent.duplicate_count + 1)
+        .values(duplicate_count=InboxEvent.duplicate_count + count)
         .returning(InboxEvent.id)
         .execution_options(synchronize_session=False)
     )
@@ -124,67 +173,6 @@ async def delete_source_rows(session: AsyncSession, source_id: str) -> None:
 
 
 # --- jobs -------------------------------------------------------------------------------------
-
-
-async def claim_job(
-    session: AsyncSession, job_id: str, *, now: dt.datetime, lease_until: dt.datetime
-) -> tuple[str, int, int] | None:
-    """Take a due job for one attempt: (event_id, attempt number, max attempts), or None when
-    it is not ours to run.
-
-    One guarded UPDATE, so two workers handed the same message cannot both win: the loser's
-    WHERE no longer matches once the winner's change is visible (PostgreSQL re-checks it after
-    waiting on the row lock; SQLite has one writer at a time). While running, `next_attempt_at`
-    is the lease's end, so the scheduler finds expired leases through the same index.
-    """
-    result = await session.execute(
-        update(Job)
-        .where(
-            Job.id == job_id,
-            Job.status.in_(("queued", "retrying")),
-            Job.next_attempt_at <= now,
-            or_(Job.locked_until.is_(None), Job.locked_until < now),
-            Job.attempts < Job.max_attempts,
-        )
-        .values(
-            status="running",
-            attempts=Job.attempts + 1,
-            locked_until=lease_until,
-            next_attempt_at=lease_until,
-            updated_at=now,
-        )
-        .returning(Job.event_id, Job.attempts, Job.max_attempts)
-        .execution_options(synchronize_session=False)
-    )
-    row = result.first()
-    return None if row is None else (row[0], row[1], row[2])
-
-
-async def finish_job(
-    session: AsyncSession, job_id: str, *, attempt: int, values: dict[str, Any]
-) -> bool:
-    """Record an attempt's outcome unless the job moved on without us (lease lost)."""
-    result = await session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == "running", Job.attempts == attempt)
-        .values(**values)
-        .returning(Job.id)
-        .execution_options(synchronize_session=False)
-    )
-    return result.first() is not None
-
-
-async def event_and_source(
-    session: AsyncSession, event_id: str
-) -> tuple[InboxEvent, Source] | None:
-    row = (
-        await session.execute(
-            select(InboxEvent, Source)
-            .join(Source, Source.id == InboxEvent.source_id)
-            .where(InboxEvent.id == event_id)
-        )
-    ).first()
-    return None if row is None else (row[0], row[1])
 
 
 def _lease_expired(now: dt.datetime) -> Any:

@@ -22,6 +22,7 @@ from relayport.core.errors import Conflict, ValidationFailed
 from relayport.core.ids import new_id
 from relayport.core.outbox import enqueue
 from relayport.ingest import events, handlers, repository, signatures
+from relayport.ingest.job_repository import EventToRun
 from relayport.ingest.models import InboxEvent, Job, Source
 from relayport.ingest.schemas import MAX_SECRETS, HmacConfigIn
 from relayport.ingest.secrets import StoredSecret, check_secrets, iso, open_secrets, seal
@@ -246,7 +247,7 @@ def events_query(
     return repo, stmt
 
 
-def cloudevent(event: InboxEvent) -> dict[str, Any]:
+def cloudevent(event: InboxEvent | EventToRun) -> dict[str, Any]:
     """The CloudEvents 1.0 envelope of an inbox event: what handlers receive."""
     try:
         data: Any = events.parse_json(event.body)
