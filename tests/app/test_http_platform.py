@@ -307,3 +307,33 @@ async def test_client_disconnect_is_not_logged_as_a_server_error(
             response = await client.post("/test-read-body", content=b"x")
         assert_problem(response, 400, "client-disconnected")
         assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+async def test_a_database_restart_costs_at_most_one_503_then_serves(
+    make_client: ClientFactory, postgres_admin_url: str
+) -> None:
+    """Pooled connections are not pre-pinged: when PostgreSQL drops them (as on a restart,
+    here by terminating this database's backends), the next request on a stale connection
+    is a 503 with Retry-After, never a 500, and the pool heals for the ones after."""
+    import asyncpg
+
+    async with make_client() as client:
+        account = await signup(client)
+        key = {"Authorization": f"Bearer {await api_key(client, account)}"}
+        for path in ("/v1/api-keys", "/v1/me"):  # warm both the read and the write pools
+            assert (await client.get(path, headers=key)).status_code == 200
+        database = client.app.state.platform.db.engine.url.database  # type: ignore[attr-defined]
+        admin = await asyncpg.connect(postgres_admin_url)
+        try:
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = $1 AND pid <> pg_backend_pid()",
+                database,
+            )
+        finally:
+            await admin.close()
+        statuses = [(await client.get("/v1/api-keys", headers=key)).status_code for _ in range(4)]
+        assert 500 not in statuses
+        assert statuses[-1] == 200
+        assert statuses.count(503) <= 1

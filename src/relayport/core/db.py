@@ -92,12 +92,11 @@ def create_engine(
         )
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
-    # Writes ping a pooled connection before use, so a database restart costs no failed write.
-    # Reads skip that round trip: after a restart one read per instance fails with a 503 and
-    # Retry-After (SQLAlchemy then drops every older connection), and a read is safe to retry.
-    return create_async_engine(
-        url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=not read_only, **options
-    )
+    # No pre-ping: it costs a round trip on every checkout of every request and worker step.
+    # After a database restart the first statement on a stale connection fails (a 503 with
+    # Retry-After for a request; workers retry their step), and SQLAlchemy then discards every
+    # connection older than that one, so an instance sees about one failure per restart.
+    return create_async_engine(url, pool_size=pool_size, max_overflow=pool_size, **options)
 
 
 class Database:
