@@ -106,7 +106,7 @@ def relayport_app() -> Any:
     from relayport.core.telemetry import configure_logging
     from relayport.settings import Settings
 
-    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    settings = Settings(_env_file=None)
     configure_logging(settings.telemetry)
     return create_app(settings)
 
@@ -254,7 +254,7 @@ async def make_api_key(base: str) -> str:
 @contextlib.asynccontextmanager
 async def postgres_database(admin_url: str) -> AsyncIterator[str]:
     """A fresh, migrated database for this run; dropped WITH (FORCE) at the end."""
-    import asyncpg
+    import asyncpg  # type: ignore[import-untyped]
 
     from relayport.core import migrate
     from relayport.core.db import Database

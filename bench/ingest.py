@@ -356,7 +356,7 @@ async def measure(
     row.client_cpu = part["client_cpu_s"] / wall
     row.send_lag_p99_ms = part["send_lag_p99_us"] / 1000
     if all(c is not None for c in cpu0 + cpu1):
-        server_s = sum(b - a for a, b in zip(cpu0, cpu1, strict=True))  # type: ignore[operator]
+        server_s = sum(b - a for a, b in zip(cpu0, cpu1, strict=True))  # type: ignore[operator,misc]
         row.server_cpu = server_s / wall
         if ticks0 is not None and ticks1 is not None:
             busy = (ticks1[0] - ticks0[0]) / os.sysconf("SC_CLK_TCK")
