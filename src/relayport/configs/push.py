@@ -15,6 +15,7 @@ live and its state loaded: every later version reaches its queue, none twice.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections import deque
 from collections.abc import Callable
@@ -24,8 +25,9 @@ import orjson
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from relayport.configs import documents as docs
+from relayport.configs.models import Version
 from relayport.configs.repository import EnvironmentRepository, VersionRepository
-from relayport.configs.versions import meta_of, state_from
+from relayport.configs.versions import Committed, State, meta_of, state_from
 from relayport.core.deps import after_commit
 from relayport.core.platform import Platform
 from relayport.core.pubsub import PubSubError, SubscriptionLost
@@ -34,6 +36,7 @@ from relayport.core.telemetry import REGISTRY
 log = logging.getLogger("relayport.configs")
 HUB = "configs.hub"
 CHANNEL = "configs.env."
+HEARTBEAT_SLICE = 500
 
 
 def _metrics() -> tuple[Any, Any]:
@@ -92,12 +95,13 @@ class Subscriber:
     the hub's ticker as shared events, so no subscriber needs a timer of its own.
     """
 
-    __slots__ = ("_items", "_waiter", "bound", "lost", "secrets")
+    __slots__ = ("_items", "_waiter", "active", "bound", "lost", "secrets")
 
     def __init__(self, secrets: bool, bound: int) -> None:
         self.secrets = secrets
         self.bound = bound
         self.lost = False
+        self.active = False  # got an event since the last heartbeat tick
         self._items: deque[Event] = deque()
         self._waiter: asyncio.Future[None] | None = None
 
@@ -111,6 +115,7 @@ class Subscriber:
             SLOW.inc()
         else:
             self._items.append(event)
+            self.active = self.active or event.kind != "heartbeat"
         self._wake()
 
     def drop(self) -> None:
@@ -200,28 +205,37 @@ class Channel:
                     self.pointers = state.pointers
                     self.previous, self.meta = start.previous_hash, meta_of(start)
         for version in await versions.between(self.env_id, self.revision, 2**31 - 1):
+            if version.revision != self.revision + 1:
+                continue  # applied meanwhile by the local fast path
             state = await state_from(session, keyring, version, with_secrets=True)
-            full = state.full()
-            base = {
-                "type": "patch",
-                "revision": version.revision,
-                "hash": version.hash,
-                "previous": version.previous_hash,
-                "meta": meta_of(version),
-            }
-            commitments = docs.commitments_of(state.stored)
-            event = Event(
-                "patch",
-                version.revision,
-                base | {"patch": docs.diff(self.stored, state.stored)},
-                base | {"patch": docs.diff(self.full, full), "commitments": commitments},
-            )
-            self.revision, self.hash = version.revision, version.hash
-            self.stored, self.full, self.pointers = state.stored, full, state.pointers
-            self.previous, self.meta = version.previous_hash, str(base["meta"])
-            self.recent.append(event)
-            for subscriber in tuple(self.subscribers):
-                subscriber.offer(event)
+            self.apply(version, state)
+
+    def apply(self, version: Version, state: State) -> bool:
+        """Fan out `version` if it is the next one; False (and nothing done) otherwise."""
+        if version.revision != self.revision + 1:
+            return False
+        full = state.full()
+        base = {
+            "type": "patch",
+            "revision": version.revision,
+            "hash": version.hash,
+            "previous": version.previous_hash,
+            "meta": meta_of(version),
+        }
+        commitments = docs.commitments_of(state.stored)
+        event = Event(
+            "patch",
+            version.revision,
+            base | {"patch": docs.diff(self.stored, state.stored)},
+            base | {"patch": docs.diff(self.full, full), "commitments": commitments},
+        )
+        self.revision, self.hash = version.revision, version.hash
+        self.stored, self.full, self.pointers = state.stored, full, state.pointers
+        self.previous, self.meta = version.previous_hash, str(base["meta"])
+        self.recent.append(event)
+        for subscriber in tuple(self.subscribers):
+            subscriber.offer(event)
+        return True
 
     def snapshot(self) -> Event:
         base = {
@@ -260,6 +274,8 @@ class Hub:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._ticker: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
+        self.count = 0  # subscribers in this process
+        self.frozen_at = 0
 
     async def attach(
         self, tenant_id: str, env_id: str, *, secrets: bool, since: int | None
@@ -280,15 +296,36 @@ class Hub:
         subscriber = Subscriber(secrets, self.bound)
         channel.subscribers.add(subscriber)
         SUBSCRIBERS.inc()
+        self.count += 1
+        self._gc_freeze()
         return channel, subscriber, channel.catch_up(since)
 
     def detach(self, channel: Channel, subscriber: Subscriber) -> None:
         if subscriber in channel.subscribers:
             channel.subscribers.discard(subscriber)
             SUBSCRIBERS.dec()
+            self.count -= 1
+            if self.frozen_at and self.count < self.frozen_at // 2:
+                # Half of what was frozen is gone: let the collector see it again, so cycles
+                # of closed connections do not stay frozen forever.
+                gc.unfreeze()
+                self.frozen_at = 0
         if not channel.subscribers and self.channels.get(channel.env_id) is channel:
             del self.channels[channel.env_id]
             channel.task.cancel()
+
+    def _gc_freeze(self) -> None:
+        """Exclude long-lived connection objects from the cyclic GC as subscribers pile up.
+
+        Measured with 10,000 WebSocket subscribers: a full collection walks every connection's
+        objects and stopped the loop for 0.7-1.7 s, the whole p99 tail. `gc.freeze()` moves
+        what exists now out of the collector's reach; done at each doubling from
+        `gc_freeze_from` subscribers, so its cost (and what it may keep) stays bounded.
+        """
+        threshold = self.platform.settings.configs.gc_freeze_from
+        if threshold and self.count >= max(threshold, 2 * self.frozen_at):
+            gc.freeze()
+            self.frozen_at = self.count
 
     def _ensure_ticker(self) -> None:
         if self._ticker is None or self._ticker.done():
@@ -307,8 +344,15 @@ class Hub:
                     log.exception("config sync failed", extra={"event": "configs.sync_failed"})
                 beat = {"type": "heartbeat", "revision": channel.revision}
                 heartbeat = Event("heartbeat", channel.revision, beat, beat)
-                for subscriber in tuple(channel.subscribers):
-                    subscriber.offer(heartbeat)
+                # Only subscribers that got nothing since the last tick, and in slices: 10,000
+                # heartbeats queued at once would delay a change arriving meanwhile.
+                idle = [s for s in channel.subscribers if not s.active]
+                for subscriber in channel.subscribers:
+                    subscriber.active = False
+                for start in range(0, len(idle), HEARTBEAT_SLICE):
+                    for subscriber in idle[start : start + HEARTBEAT_SLICE]:
+                        subscriber.offer(heartbeat)
+                    await asyncio.sleep(0.01)
 
     def watch(self, app: Any) -> None:
         """End every stream once the app starts draining, so shutdown does not wait on them."""
@@ -337,16 +381,24 @@ def hub_of(platform: Platform) -> Hub:
     return hub
 
 
-def announce(platform: Platform, session: AsyncSession, env_id: str) -> None:
-    """Publish `env_id` changed once the request's transaction has committed."""
+def announce(platform: Platform, session: AsyncSession, done: Committed) -> None:
+    """After the request's transaction commits: hand the version to this process's channel
+    (no database read, no task hop: the common single-instance case), then publish the
+    environment id so other processes read it."""
+    env_id = done.version.environment_id
 
     def publish() -> None:
+        hub = hub_of(platform)
+        channel = hub.channels.get(env_id)
+        if channel is not None and channel.ready.is_set():
+            channel.apply(done.version, done.state)
+
         async def run() -> None:
             try:
                 await platform.pubsub.publish(CHANNEL + env_id, env_id.encode())
             except PubSubError:  # subscribers catch up at the next periodic sync
                 log.warning("config announce failed", extra={"event": "configs.announce_failed"})
 
-        hub_of(platform).spawn(run)
+        hub.spawn(run)
 
     after_commit(session, publish)

@@ -62,7 +62,7 @@ def _env_out(e: Environment) -> EnvironmentOut:
 def _written(
     request: Request, session: AsyncSession, response: Response, done: Committed, key: str | None
 ) -> dict[str, Any]:
-    announce(request.app.state.platform, session, done.version.environment_id)
+    announce(request.app.state.platform, session, done)
     etag = key_etag(done.state, key) if key is not None and key in done.state.stored else None
     if etag:
         response.headers["ETag"] = etag
