@@ -134,7 +134,11 @@ async def _attach(
     hub = hub_of(platform)
     try:
         channel, subscriber, first = await hub.attach(
-            principal.tenant_id, principal.environment_id, secrets=principal.secrets, since=since
+            principal.tenant_id,
+            principal.environment_id,
+            secrets=principal.secrets,
+            since=since,
+            key_id=principal.id,
         )
     except PubSubError:
         raise Problem("live push is unavailable", status=503, slug="unavailable") from None

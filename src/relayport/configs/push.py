@@ -26,7 +26,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from relayport.configs import documents as docs
 from relayport.configs.models import Version
-from relayport.configs.repository import EnvironmentRepository, VersionRepository
+from relayport.configs.repository import (
+    ClientKeyRepository,
+    EnvironmentRepository,
+    VersionRepository,
+)
 from relayport.configs.versions import Committed, State, meta_of, state_from
 from relayport.core.deps import after_commit
 from relayport.core.platform import Platform
@@ -95,10 +99,11 @@ class Subscriber:
     the hub's ticker as shared events, so no subscriber needs a timer of its own.
     """
 
-    __slots__ = ("_items", "_waiter", "active", "bound", "lost", "secrets")
+    __slots__ = ("_items", "_waiter", "active", "bound", "key_id", "lost", "secrets")
 
-    def __init__(self, secrets: bool, bound: int) -> None:
+    def __init__(self, secrets: bool, bound: int, key_id: str | None = None) -> None:
         self.secrets = secrets
+        self.key_id = key_id
         self.bound = bound
         self.lost = False
         self.active = False  # got an event since the last heartbeat tick
@@ -278,7 +283,13 @@ class Hub:
         self.frozen_at = 0
 
     async def attach(
-        self, tenant_id: str, env_id: str, *, secrets: bool, since: int | None
+        self,
+        tenant_id: str,
+        env_id: str,
+        *,
+        secrets: bool,
+        since: int | None,
+        key_id: str | None = None,
     ) -> tuple[Channel, Subscriber, list[Event]]:
         channel = self.channels.get(env_id)
         if channel is None or channel.task.done():
@@ -293,7 +304,7 @@ class Hub:
             await channel.sync()
         self._ensure_ticker()
         # No await from here to the return: attach and catch-up see the same channel state.
-        subscriber = Subscriber(secrets, self.bound)
+        subscriber = Subscriber(secrets, self.bound, key_id)
         channel.subscribers.add(subscriber)
         SUBSCRIBERS.inc()
         self.count += 1
@@ -340,6 +351,7 @@ class Hub:
             for channel in list(self.channels.values()):
                 try:
                     await channel.sync()
+                    await self._drop_revoked(channel)
                 except Exception:  # the next tick retries; a stream must not die of it
                     log.exception("config sync failed", extra={"event": "configs.sync_failed"})
                 beat = {"type": "heartbeat", "revision": channel.revision}
@@ -353,6 +365,23 @@ class Hub:
                     for subscriber in idle[start : start + HEARTBEAT_SLICE]:
                         subscriber.offer(heartbeat)
                     await asyncio.sleep(0.01)
+
+    async def _drop_revoked(self, channel: Channel) -> None:
+        """End the streams of client keys revoked on another instance (one query per tick)."""
+        keys = {s.key_id for s in channel.subscribers if s.key_id}
+        if not keys:
+            return
+        async with self.platform.db.sessions() as session:
+            revoked = await ClientKeyRepository(session, channel.tenant_id).revoked_among(keys)
+        for key_id in revoked:
+            self.revoke(key_id)
+
+    def revoke(self, key_id: str) -> None:
+        """End every stream of this client key in this process now."""
+        for channel in list(self.channels.values()):
+            for subscriber in tuple(channel.subscribers):
+                if subscriber.key_id == key_id:
+                    subscriber.drop()
 
     def watch(self, app: Any) -> None:
         """End every stream once the app starts draining, so shutdown does not wait on them."""
