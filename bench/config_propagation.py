@@ -49,6 +49,7 @@ from bench.http_overhead import (
     make_api_key,
     postgres_database,
     redis_prefix,
+    report_server_log,
     stop_server,
     wait_ready,
 )
@@ -107,12 +108,13 @@ async def _subscribers(spec: dict[str, Any], pipe: Any) -> None:
         opened += 1
         if opened == target:
             ready.set()
-        event = b""
+        pending = None  # the id of the event being read; heartbeats have none
         while line := await reader.readline():
-            if line.startswith(b"event: "):
-                event = line[7:].strip()
-            elif line.startswith(b"id: ") and event != b"heartbeat":
-                record(int(line[4:]))
+            if line.startswith(b"id: "):
+                pending = int(line[4:])
+            elif line == b"\n" and pending is not None:  # end of an event: dispatch it
+                record(pending)
+                pending = None
 
     one = sse_one if spec["transport"] == "sse" else ws_one
     tasks = [asyncio.ensure_future(one(spec["urls"][i % len(spec["urls"])])) for i in range(target)]
@@ -331,6 +333,7 @@ async def measure(
         if mode != "broadcast":
             sent = await _created_at(servers[0].base, admin, env_path)
         latencies: list[float] = []
+        slowest: dict[int, float] = {}
         received = 0
         for _, pipe in procs:
             pipe.send("stop")
@@ -341,12 +344,14 @@ async def measure(
             for revision, stamps in value.items():
                 if int(revision) in sent and int(revision) >= 2:
                     received += len(stamps)
-                    latencies += [(s - sent[int(revision)]) / 1e6 for s in stamps]
+                    lat = [(s - sent[int(revision)]) / 1e6 for s in stamps]
+                    latencies += lat
+                    slowest[int(revision)] = max(slowest.get(int(revision), 0.0), *lat)
         latencies.sort()
         return {
             "mode": mode, "n": n, "rounds": args.rounds, "complete": complete,
             "delivered": received / (n * args.rounds), "latencies": latencies,
-            "kib_per_sub": per_sub,
+            "kib_per_sub": per_sub, "slowest": [round(slowest[r]) for r in sorted(slowest)],
         }  # fmt: skip
     finally:
         for proc, pipe in procs:
@@ -356,6 +361,7 @@ async def measure(
             proc.join(5)
         for server in servers:
             stop_server(server)
+            report_server_log(f"{mode} n={n}", server)
         if baseline is not None:
             baseline.terminate()
             baseline.join(5)
@@ -430,7 +436,8 @@ async def main_async(args: Any) -> int:
                     rows.append(row)
                     lat = row["latencies"]
                     print(f"{mode:>12} n={n:>6}: p50 {_pct(lat, 0.5)} ms, p99 {_pct(lat, 0.99)} "
-                          f"ms, delivered {row['delivered']:.1%}", flush=True)  # fmt: skip
+                          f"ms, delivered {row['delivered']:.1%}, "
+                          f"slowest per round {row['slowest']} ms", flush=True)  # fmt: skip
     print_table(rows)
     return 0
 

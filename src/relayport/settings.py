@@ -243,6 +243,9 @@ class ConfigsSettings(BaseModel):
     # Events queued per subscriber before it counts as slow and is disconnected to resync.
     subscriber_queue: int = Field(default=256, ge=1, le=100_000)
     max_value_bytes: int = Field(default=262_144, ge=1024, le=16_777_216)
+    # From this many subscribers in a process, freeze long-lived objects out of the cyclic GC
+    # at each doubling (0: never). See configs/push.py Hub._gc_freeze.
+    gc_freeze_from: int = Field(default=1_000, ge=0)
 
 
 class Settings(BaseSettings):

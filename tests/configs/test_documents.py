@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relayport.configs import documents as docs
-from relayport.configs.push import Event, Subscriber
+from relayport.configs.subscribers import Event, Subscriber
 from relayport.core.pubsub import SubscriptionLost
 
 json_values = st.recursive(

@@ -200,3 +200,53 @@ async def test_a_write_on_one_instance_reaches_a_subscriber_on_another(
     assert message["revision"] == 2
     assert message["patch"] == [{"op": "replace", "path": "/x", "value": 1}]
     await http.aclose()
+
+
+async def _revoke_ends_stream(writer: Server, reader: Server) -> None:
+    http, account, base, key = await _setup(writer)
+    keys = (await http.get(f"{base}/client-keys", headers=account.headers)).json()["data"]
+    async with websockets.connect(
+        f"{reader.ws}/v1/client/stream?since=0",
+        additional_headers={"Authorization": f"Bearer {key}"},
+    ) as ws:
+        assert json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] == "snapshot"
+        r = await http.delete(f"{base}/client-keys/{keys[0]['id']}", headers=account.headers)
+        assert r.status_code == 204
+
+        async def until_closed() -> None:
+            while True:  # heartbeats may come first; the close must follow within the timeout
+                await asyncio.wait_for(ws.recv(), 10)
+
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            await until_closed()
+        assert closed.value.rcvd is not None
+        assert closed.value.rcvd.code == 4000
+    # Refused at once where it was revoked, within the 5 s key cache on other instances.
+    deadline = asyncio.get_running_loop().time() + 10
+    while True:
+        refused = await http.get(
+            f"{reader.url}/v1/client/config", headers={"Authorization": f"Bearer {key}"}
+        )
+        if refused.status_code == 401 or asyncio.get_running_loop().time() > deadline:
+            break
+        await asyncio.sleep(0.1)
+    assert refused.status_code == 401
+    await http.aclose()
+
+
+async def test_revoking_a_client_key_ends_its_streams(
+    servers: list[Server], settings_kwargs: dict[str, Any], tmp_path: Path
+) -> None:
+    server = start(settings_kwargs, tmp_path)
+    servers.append(server)
+    await _revoke_ends_stream(server, server)
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+async def test_revoking_on_one_instance_ends_streams_on_another(
+    backend: str, servers: list[Server], settings_kwargs: dict[str, Any], tmp_path: Path
+) -> None:
+    a = start(settings_kwargs, tmp_path)
+    b = start(settings_kwargs, tmp_path)
+    servers.extend([a, b])
+    await _revoke_ends_stream(a, b)

@@ -98,6 +98,7 @@ class AsyncConfigClient:
         self._task: asyncio.Task[None] | None = None
         self.reconnects = 0
         self._load_cache()
+        self._applied = self.snapshot.revision
 
     # --- reading ------------------------------------------------------------------------
 
@@ -119,7 +120,7 @@ class AsyncConfigClient:
     async def wait_for(self, revision: int, timeout_s: float = 10.0) -> None:
         """Wait until the client has applied `revision` (or a later one)."""
         async with asyncio.timeout(timeout_s), self._changed:
-            await self._changed.wait_for(lambda: self.snapshot.revision >= revision)
+            await self._changed.wait_for(lambda: self._applied >= revision)
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -177,6 +178,7 @@ class AsyncConfigClient:
                 # Resync from scratch: the next connection asks for a snapshot.
                 log.warning("config chain broken, resyncing: %s", exc)
                 self.snapshot = Snapshot()
+                self._applied = 0
             except (OSError, websockets.WebSocketException, ValueError, KeyError) as exc:
                 log.info("config stream lost: %s", type(exc).__name__)
             self.connected.clear()
@@ -187,18 +189,18 @@ class AsyncConfigClient:
     async def _apply(self, message: dict[str, Any]) -> None:
         old = self.snapshot
         new = apply_message(old, message)
-        # Under the condition's lock: `wait_for(n)` returns only once revision n is saved and
-        # every callback has seen it, not in the gap while the cache file is written.
+        self.snapshot = new
+        await self._save_cache()
+        for callback in self._callbacks:
+            try:
+                result = callback(old.config, new.config, new.revision)
+                if asyncio.iscoroutine(result):
+                    await result
+            except Exception:  # a failing callback must not stop the stream
+                log.exception("config change callback failed")
+        # Waiters resume only once the callbacks of this revision have run.
+        self._applied = new.revision
         async with self._changed:
-            self.snapshot = new
-            await self._save_cache()
-            for callback in self._callbacks:
-                try:
-                    result = callback(old.config, new.config, new.revision)
-                    if asyncio.iscoroutine(result):
-                        await result
-                except Exception:  # a failing callback must not stop the stream
-                    log.exception("config change callback failed")
             self._changed.notify_all()
 
     # --- cache file ---------------------------------------------------------------------

@@ -21,9 +21,10 @@ from starlette.websockets import WebSocketDisconnect
 from relayport.configs import documents as docs
 from relayport.configs.client_auth import ClientPrincipal, authenticate
 from relayport.configs.propagation import record_ack, set_connected
-from relayport.configs.push import Channel, Event, Hub, Subscriber, hub_of
+from relayport.configs.push import Channel, Hub, hub_of
 from relayport.configs.repository import EnvironmentRepository
 from relayport.configs.schemas import AckIn
+from relayport.configs.subscribers import Event, Subscriber
 from relayport.configs.versions import state_of
 from relayport.core import audit
 from relayport.core.deps import PlatformDep, SessionDep, client_ip
@@ -134,7 +135,11 @@ async def _attach(
     hub = hub_of(platform)
     try:
         channel, subscriber, first = await hub.attach(
-            principal.tenant_id, principal.environment_id, secrets=principal.secrets, since=since
+            principal.tenant_id,
+            principal.environment_id,
+            secrets=principal.secrets,
+            since=since,
+            key_id=principal.id,
         )
     except PubSubError:
         raise Problem("live push is unavailable", status=503, slug="unavailable") from None

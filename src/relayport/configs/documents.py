@@ -105,7 +105,7 @@ def _is_secret(schema: Any) -> bool:
 def secret_pointers(schema: Any, value: Any) -> list[str]:
     """Pointers (relative to `value`) of every value the schema marks secret.
 
-    Follows `properties`, `patternProperties` (by exact-key fallback only),
+    Follows `properties`, `allOf`,
     `additionalProperties`, `prefixItems`/`items` and local `$ref`s; a secret node covers
     everything below it.
     """

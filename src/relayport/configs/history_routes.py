@@ -12,6 +12,7 @@ from relayport.configs.client_auth import forget
 from relayport.configs.deps import ENV, EnvDep
 from relayport.configs.models import ClientKey, Version
 from relayport.configs.propagation import clients_of, propagation_of
+from relayport.configs.push import hub_of
 from relayport.configs.repository import ClientKeyRepository, VersionRepository
 from relayport.configs.schemas import (
     ClientKeyCreate,
@@ -27,7 +28,14 @@ from relayport.configs.schemas import (
 )
 from relayport.configs.versions import state_of
 from relayport.core.db import utcnow
-from relayport.core.deps import Operator, PlatformDep, SessionDep, Viewer, client_ip
+from relayport.core.deps import (
+    Operator,
+    PlatformDep,
+    SessionDep,
+    Viewer,
+    after_commit,
+    client_ip,
+)
 from relayport.core.errors import BadRequest, NotFound
 from relayport.core.schemas import ListResponse
 
@@ -211,5 +219,11 @@ async def revoke_client_key(
     if key.revoked_at is None:
         key.revoked_at = utcnow()
         service.audit_key_revoked(session, principal, key.id, ip=client_ip(request))
-    forget(platform, key.key_hash)
+    key_hash, key_id = key.key_hash, key.id
+
+    def revoked() -> None:  # after the commit, or a reconnect could re-cache the key as valid
+        forget(platform, key_hash)
+        hub_of(platform).revoke(key_id)  # other instances: at their next heartbeat tick
+
+    after_commit(session, revoked)
     return Response(status_code=204)

@@ -103,6 +103,14 @@ class ClientKeyRepository(TenantRepository[ClientKey]):
     model = ClientKey
     not_found_detail = "no such client key"
 
+    async def revoked_among(self, ids: set[str]) -> set[str]:
+        stmt = select(ClientKey.id).where(
+            ClientKey.tenant_id == self.tenant_id,
+            ClientKey.id.in_(sorted(ids)),
+            ClientKey.revoked_at.is_not(None),
+        )
+        return set((await self.session.execute(stmt)).scalars())
+
 
 class ClientRepository(TenantRepository[ConfigClient]):
     model = ConfigClient

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Query, Request, Response
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from relayport.configs import service
+from relayport.configs import service, writes
 from relayport.configs.client_routes import router as client_router
 from relayport.configs.deps import ENV, EnvDep, IfMatch, Key, ProjectDep
 from relayport.configs.history_routes import router as history_router
@@ -62,7 +62,7 @@ def _env_out(e: Environment) -> EnvironmentOut:
 def _written(
     request: Request, session: AsyncSession, response: Response, done: Committed, key: str | None
 ) -> dict[str, Any]:
-    announce(request.app.state.platform, session, done.version.environment_id)
+    announce(request.app.state.platform, session, done)
     etag = key_etag(done.state, key) if key is not None and key in done.state.stored else None
     if etag:
         response.headers["ETag"] = etag
@@ -208,7 +208,7 @@ async def put_config(
 ) -> dict[str, Any]:
     """Set a key (and its JSON Schema), as a new version. `If-Match` makes it conditional:
     412 when the key changed since that ETag. 422 lists every schema violation. Role: operator."""
-    done = await service.put_key(
+    done = await writes.put_key(
         session,
         platform.keyring,
         principal,
@@ -239,7 +239,7 @@ async def patch_config(
 ) -> dict[str, Any]:
     """Apply an RFC 6902 JSON Patch to a key's value; the schema is checked on the result.
     422 `patch-failed` when an operation does not apply. Role: operator."""
-    done = await service.patch_key(
+    done = await writes.patch_key(
         session,
         platform.keyring,
         principal,
@@ -266,7 +266,7 @@ async def delete_config(
     if_match: IfMatch = None,
 ) -> dict[str, Any]:
     """Remove a key, as a new version. Role: operator."""
-    done = await service.delete_key(
+    done = await writes.delete_key(
         session,
         platform.keyring,
         principal,
@@ -290,7 +290,7 @@ async def rollback(
     platform: PlatformDep,
 ) -> dict[str, Any]:
     """A new version equal to revision `to_revision`. Role: operator."""
-    done = await service.rollback(
+    done = await writes.rollback(
         session,
         platform.keyring,
         principal,
@@ -320,7 +320,7 @@ async def promote(
     )
     if target is None:
         raise NotFound("no such target environment")
-    done = await service.promote(
+    done = await writes.promote(
         session,
         platform.keyring,
         principal,
