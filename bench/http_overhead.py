@@ -366,6 +366,9 @@ def loadgen_main(spec_json: str) -> None:
     import uvloop
 
     result = uvloop.run(_load(json.loads(spec_json)))
+    # uvloop may leave stdout non-blocking; a result larger than the pipe's buffer would then
+    # be cut short where the pipe filled up.
+    os.set_blocking(sys.stdout.fileno(), True)
     print(json.dumps(result), flush=True)
 
 
