@@ -13,7 +13,7 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from redis.exceptions import RedisError
-from sqlalchemy.exc import InterfaceError
+from sqlalchemy.exc import DBAPIError, InterfaceError
 from sqlalchemy.exc import TimeoutError as SATimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
@@ -272,6 +272,14 @@ def install(app: FastAPI) -> None:
         )
         return problem_response(500, detail="the error was logged", request_id=request_id(request))
 
+    async def on_database_error(request: Request, exc: Exception) -> Response:
+        # A lost connection (a database restart, a terminated backend) surfaces as whatever
+        # DBAPI error the driver raised at that moment; SQLAlchemy marks it invalidated.
+        if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+            return await on_dependency_down(request, exc)
+        return await on_unhandled(request, exc)
+
+    app.add_exception_handler(DBAPIError, on_database_error)
     app.add_exception_handler(Problem, on_problem)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)

@@ -9,7 +9,15 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from pydantic import AwareDatetime
 from sqlalchemy import exists
 
-from relayport.core.deps import Operator, PlatformDep, SessionDep, Viewer, after_commit, client_ip
+from relayport.core.deps import (
+    Operator,
+    PlatformDep,
+    ReadSessionDep,
+    SessionDep,
+    Viewer,
+    after_commit,
+    client_ip,
+)
 from relayport.core.schemas import ListResponse
 from relayport.delivery import health, messages, service
 from relayport.delivery.models import Attempt, Delivery, EventType, Message
@@ -75,7 +83,7 @@ async def create_event_type(
 
 @router.get("/event-types", response_model=ListResponse[EventTypeOut], tags=["event-types"])
 async def list_event_types(
-    principal: Viewer, session: SessionDep, limit: Limit = 50, after: After = None
+    principal: Viewer, session: ReadSessionDep, limit: Limit = 50, after: After = None
 ) -> ListResponse[EventTypeOut]:
     """The tenant's event types, newest first. Role: viewer."""
     page = await EventTypeRepository(session, principal.tenant_id).page(limit=limit, after=after)
@@ -83,7 +91,9 @@ async def list_event_types(
 
 
 @router.get("/event-types/{event_type}", response_model=EventTypeOut, tags=["event-types"])
-async def get_event_type(event_type: str, principal: Viewer, session: SessionDep) -> EventTypeOut:
+async def get_event_type(
+    event_type: str, principal: Viewer, session: ReadSessionDep
+) -> EventTypeOut:
     """One event type, by name. Role: viewer."""
     return _event_type(await service.get_event_type(session, principal.tenant_id, event_type))
 
@@ -177,7 +187,7 @@ async def create_message(
 @router.get("/messages", response_model=ListResponse[MessageOut], tags=["messages"])
 async def list_messages(
     principal: Viewer,
-    session: SessionDep,
+    session: ReadSessionDep,
     event_type: Annotated[str | None, Query(max_length=200)] = None,
     status: DeliveryStatus | None = Query(
         default=None, description="Messages with a delivery in this status."
@@ -205,7 +215,7 @@ async def list_messages(
 
 
 @router.get("/messages/{message_id}", response_model=MessageOut, tags=["messages"])
-async def get_message(message_id: str, principal: Viewer, session: SessionDep) -> MessageOut:
+async def get_message(message_id: str, principal: Viewer, session: ReadSessionDep) -> MessageOut:
     """One message with its deliveries. Role: viewer."""
     message = await MessageRepository(session, principal.tenant_id).get(message_id)
     deliveries = await DeliveryRepository(session, principal.tenant_id).of_message(message.id)
@@ -218,7 +228,7 @@ async def get_message(message_id: str, principal: Viewer, session: SessionDep) -
 async def message_attempts(
     message_id: str,
     principal: Viewer,
-    session: SessionDep,
+    session: ReadSessionDep,
     succeeded: bool | None = None,
     since: Since = None,
     until: Since = None,

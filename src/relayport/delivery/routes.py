@@ -13,6 +13,7 @@ from relayport.core.deps import (
     Admin,
     Operator,
     PlatformDep,
+    ReadSessionDep,
     SessionDep,
     Viewer,
     after_commit,
@@ -93,7 +94,7 @@ async def create_endpoint(
 
 @router.get("/endpoints", response_model=ListResponse[EndpointOut], tags=["endpoints"])
 async def list_endpoints(
-    principal: Viewer, session: SessionDep, limit: Limit = 50, after: After = None
+    principal: Viewer, session: ReadSessionDep, limit: Limit = 50, after: After = None
 ) -> ListResponse[EndpointOut]:
     """Endpoints of the tenant, newest first. Role: viewer."""
     page = await EndpointRepository(session, principal.tenant_id).page(limit=limit, after=after)
@@ -101,7 +102,7 @@ async def list_endpoints(
 
 
 @router.get("/endpoints/{endpoint_id}", response_model=EndpointOut, tags=["endpoints"])
-async def get_endpoint(endpoint_id: str, principal: Viewer, session: SessionDep) -> EndpointOut:
+async def get_endpoint(endpoint_id: str, principal: Viewer, session: ReadSessionDep) -> EndpointOut:
     """One endpoint. Role: viewer."""
     endpoint = await EndpointRepository(session, principal.tenant_id).get(endpoint_id)
     return EndpointOut(**_endpoint(endpoint))
@@ -181,7 +182,7 @@ async def rotate_secret(
 async def endpoint_attempts(
     endpoint_id: str,
     principal: Viewer,
-    session: SessionDep,
+    session: ReadSessionDep,
     succeeded: bool | None = None,
     since: Since = None,
     until: Since = None,
@@ -207,7 +208,7 @@ HEALTH_WINDOW = 1000
 
 @router.get("/endpoints/{endpoint_id}/health", response_model=EndpointHealth, tags=["endpoints"])
 async def endpoint_health(
-    endpoint_id: str, principal: Viewer, session: SessionDep, since: Since = None
+    endpoint_id: str, principal: Viewer, session: ReadSessionDep, since: Since = None
 ) -> EndpointHealth:
     """Success rate, latency percentiles and error classes of the endpoint's last 1,000
     attempts (since `since`), with its breaker state. Role: viewer."""
@@ -290,7 +291,7 @@ async def replay(
 
 @router.get("/delivery-settings", response_model=DeliverySettingsOut, tags=["endpoints"])
 async def get_delivery_settings(
-    principal: Viewer, session: SessionDep, platform: PlatformDep
+    principal: Viewer, session: ReadSessionDep, platform: PlatformDep
 ) -> DeliverySettingsOut:
     """The tenant's delivery defaults. Role: viewer."""
     own = await repository.tenant_settings(session, principal.tenant_id)

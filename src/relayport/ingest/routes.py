@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query, Request, Response
 from pydantic import AwareDatetime
 from starlette.types import Scope
 
-from relayport.core.deps import Operator, PlatformDep, SessionDep, Viewer, client_ip
+from relayport.core.deps import Operator, PlatformDep, ReadSessionDep, SessionDep, Viewer, client_ip
 from relayport.core.platform import Platform
 from relayport.core.schemas import ListResponse
 from relayport.core.security.middleware import route_path
@@ -181,7 +181,7 @@ async def create_source(
 
 @router.get("/sources", response_model=ListResponse[SourceOut], tags=["sources"])
 async def list_sources(
-    principal: Viewer, session: SessionDep, limit: Limit = 50, after: After = None
+    principal: Viewer, session: ReadSessionDep, limit: Limit = 50, after: After = None
 ) -> ListResponse[SourceOut]:
     """Sources of the tenant, newest first (never their secrets). Role: viewer."""
     page = await SourceRepository(session, principal.tenant_id).page(limit=limit, after=after)
@@ -189,7 +189,7 @@ async def list_sources(
 
 
 @router.get("/sources/{source_id}", response_model=SourceOut, tags=["sources"])
-async def get_source(source_id: str, principal: Viewer, session: SessionDep) -> SourceOut:
+async def get_source(source_id: str, principal: Viewer, session: ReadSessionDep) -> SourceOut:
     """One source. Role: viewer."""
     return _source(await SourceRepository(session, principal.tenant_id).get(source_id))
 
@@ -323,7 +323,7 @@ def _event_fields(event: InboxEvent) -> dict[str, Any]:
 @router.get("/events", response_model=ListResponse[EventOut], tags=["events"])
 async def list_events(
     principal: Viewer,
-    session: SessionDep,
+    session: ReadSessionDep,
     source_id: IdFilter = None,
     type: Annotated[str | None, Query(max_length=200)] = None,
     since: Since = None,
@@ -341,7 +341,7 @@ async def list_events(
 
 
 @router.get("/events/{event_id}", response_model=EventDetail, tags=["events"])
-async def get_event(event_id: str, principal: Viewer, session: SessionDep) -> EventDetail:
+async def get_event(event_id: str, principal: Viewer, session: ReadSessionDep) -> EventDetail:
     """One inbox event with its CloudEvents envelope and its body. Role: viewer."""
     repo, _ = service.events_query(
         session, principal.tenant_id, source_id=None, type=None, since=None, until=None
@@ -361,7 +361,7 @@ def _job(job: Job) -> JobOut:
 @router.get("/jobs", response_model=ListResponse[JobOut], tags=["jobs"])
 async def list_jobs(
     principal: Viewer,
-    session: SessionDep,
+    session: ReadSessionDep,
     status: JobStatus | None = None,
     source_id: IdFilter = None,
     limit: Limit = 50,
@@ -379,7 +379,7 @@ async def list_jobs(
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut, tags=["jobs"])
-async def get_job(job_id: str, principal: Viewer, session: SessionDep) -> JobOut:
+async def get_job(job_id: str, principal: Viewer, session: ReadSessionDep) -> JobOut:
     """One job. Role: viewer."""
     return _job(await JobRepository(session, principal.tenant_id).get(job_id))
 
