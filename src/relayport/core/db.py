@@ -73,6 +73,12 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cursor.close()
 
 
+def _in_memory(url: str) -> bool:
+    """An in-memory SQLite database: one per connection, so it cannot be pooled or shared."""
+    parsed = make_url(url)
+    return parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:")
+
+
 def create_engine(
     url: str, *, pool_size: int = 10, echo: bool = False, read_only: bool = False
 ) -> AsyncEngine:
@@ -84,12 +90,11 @@ def create_engine(
     if read_only:
         options.update(isolation_level="AUTOCOMMIT", pool_reset_on_return=None)
     if parsed.get_backend_name() == "sqlite":
-        if parsed.database and parsed.database != ":memory:":
+        memory = _in_memory(url)
+        if not memory and parsed.database:
             # The data dir also holds the generated keys: private to the owner from the start.
             Path(parsed.database).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        engine = create_async_engine(
-            url, poolclass=NullPool if parsed.database == ":memory:" else None, **options
-        )
+        engine = create_async_engine(url, poolclass=NullPool if memory else None, **options)
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
     # No pre-ping: it costs a round trip on every checkout of every request and worker step.
@@ -109,9 +114,10 @@ class Database:
         # Sessions for requests that only read (GET routes): each statement runs on its own,
         # without a transaction around it. An in-memory SQLite database exists once per
         # connection, so there the reads must share the engine (and its transactions).
-        memory = make_url(url).get_backend_name() == "sqlite" and ":memory:" in url
         self.read_engine = (
-            self.engine if memory else create_engine(url, pool_size=pool_size, read_only=True)
+            self.engine
+            if _in_memory(url)
+            else create_engine(url, pool_size=pool_size, read_only=True)
         )
         self.reads = async_sessionmaker(self.read_engine, expire_on_commit=False, autoflush=False)
 

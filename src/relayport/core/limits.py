@@ -22,15 +22,13 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from relayport.core.auth.principal import Principal
 from relayport.core.context import principal_id_var, tenant_id_var
-from relayport.core.errors import RateLimited, problem_bytes
+from relayport.core.errors import RateLimited
 from relayport.core.ratelimit import Decision, Limit
-from relayport.core.security.middleware import RESPONSE_HEADERS
+from relayport.core.security.middleware import PROBE_PATHS, RESPONSE_HEADERS, send_problem
 
 if TYPE_CHECKING:
     from relayport.core.platform import Platform
     from relayport.settings import RateLimitSettings
-
-EXEMPT = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
 def principal_limits(settings: RateLimitSettings, principal: Principal) -> list[Limit]:
@@ -99,7 +97,7 @@ class RateLimitMiddleware:
             scope["type"] != "http"
             or platform is None
             or not platform.settings.ratelimit.enabled
-            or scope["path"] in EXEMPT
+            or scope["path"] in PROBE_PATHS
         ):
             await self.app(scope, receive, send)
             return
@@ -121,7 +119,10 @@ class RateLimitMiddleware:
         decisions = await platform.limiter.check(limits)
         refused = _refusal(decisions, limits)
         if refused is not None:
-            await _send_refusal(send, refused)
+            headers = [(k.lower().encode(), v.encode()) for k, v in refused.headers.items()]
+            await send_problem(
+                send, refused.status, refused.slug, refused.title, refused.detail, headers
+            )
             return
         if principal is not None:
             bind_principal(state, principal)
@@ -135,12 +136,3 @@ def _authorization(scope: Scope) -> str | None:
         if name == b"authorization":
             return str(value.decode("latin-1"))
     return None
-
-
-async def _send_refusal(send: Send, problem: RateLimited) -> None:
-    body = problem_bytes(problem.status, problem.slug, problem.title, problem.detail)
-    headers = [(b"content-type", b"application/problem+json")]
-    headers += [(k.lower().encode(), v.encode()) for k, v in (problem.headers or {}).items()]
-    headers.append((b"content-length", str(len(body)).encode()))
-    await send({"type": "http.response.start", "status": 429, "headers": headers})
-    await send({"type": "http.response.body", "body": body})

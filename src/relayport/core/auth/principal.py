@@ -88,6 +88,13 @@ class _KeyEntry:
     last_used_at: dt.datetime | None
 
 
+def _bearer(authorization: str) -> str | None:
+    """The credential of an `Authorization: Bearer <credential>` value, else None."""
+    scheme, _, credential = authorization.partition(" ")
+    credential = credential.strip()
+    return credential if scheme.lower() == "bearer" and credential else None
+
+
 class Authenticator:
     def __init__(self, db: Database, issuer: TokenIssuer) -> None:
         self.db = db
@@ -99,9 +106,8 @@ class Authenticator:
     async def authenticate(self, authorization: str | None) -> Principal:
         if not authorization:
             raise Unauthorized("send Authorization: Bearer <token or API key>")
-        scheme, _, credential = authorization.partition(" ")
-        credential = credential.strip()
-        if scheme.lower() != "bearer" or not credential:
+        credential = _bearer(authorization)
+        if credential is None:
             raise Unauthorized("use the Bearer scheme", slug="invalid-token")
         if credential.startswith(API_KEY_PREFIX):
             return await self._api_key(credential)
@@ -111,11 +117,8 @@ class Authenticator:
         """The principal for these credentials if they are valid and already cached, without
         any I/O; None when they would need the database or are not valid (then
         `authenticate` gives the answer, with its reason)."""
-        if not authorization:
-            return None
-        scheme, _, credential = authorization.partition(" ")
-        credential = credential.strip()
-        if scheme.lower() != "bearer" or not credential:
+        credential = _bearer(authorization) if authorization else None
+        if credential is None:
             return None
         try:
             if credential.startswith(API_KEY_PREFIX):
