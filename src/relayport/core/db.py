@@ -24,6 +24,8 @@ from sqlalchemy.orm import DeclarativeBase
 from sqlalchemy.pool import NullPool
 from sqlalchemy.types import TypeDecorator
 
+from relayport.core.fastread import DriverReads
+
 NAMING = {
     "ix": "ix_%(column_0_label)s",
     "uq": "uq_%(table_name)s_%(column_0_name)s",
@@ -120,6 +122,8 @@ class Database:
             else create_engine(url, pool_size=pool_size, read_only=True)
         )
         self.reads = async_sessionmaker(self.read_engine, expire_on_commit=False, autoflush=False)
+        # Prebuilt SELECTs on the driver itself, for the hottest GET paths (see fastread).
+        self.driver = DriverReads(self.read_engine, fallback=self.read_engine, pool_size=pool_size)
 
     @property
     def dialect(self) -> str:
@@ -141,6 +145,7 @@ class Database:
             await conn.execute(text("SELECT 1"))
 
     async def dispose(self) -> None:
+        await self.driver.close()
         await self.engine.dispose()
         if self.read_engine is not self.engine:
             await self.read_engine.dispose()

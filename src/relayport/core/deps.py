@@ -14,7 +14,9 @@ from relayport.core.limits import bind_principal, check_principal
 from relayport.core.platform import Platform
 
 
-def get_platform(request: Request) -> Platform:
+async def get_platform(request: Request) -> Platform:
+    # async although it awaits nothing: FastAPI runs a plain `def` dependency in a worker
+    # thread, a thread hand-off on every request that asks for the platform.
     platform: Platform = request.app.state.platform
     return platform
 

@@ -19,6 +19,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
+from relayport.core.fastread import DatabaseUnavailable
+
 log = logging.getLogger("relayport.errors")
 
 PROBLEM_JSON = "application/problem+json"
@@ -287,4 +289,5 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(RedisError, on_dependency_down)
     app.add_exception_handler(SATimeoutError, on_dependency_down)
     app.add_exception_handler(InterfaceError, on_dependency_down)
+    app.add_exception_handler(DatabaseUnavailable, on_dependency_down)
     app.add_exception_handler(Exception, on_unhandled)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import Select, select
+from sqlalchemy import FromClause, Select, bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from relayport.core.errors import BadRequest, NotFound
+from relayport.core.fastread import DriverReads, Query
 
 MAX_PAGE = 200
 
@@ -57,8 +58,7 @@ class TenantRepository(Generic[M]):
     async def page(
         self, stmt: Select[M] | None = None, *, limit: int = 50, after: str | None = None
     ) -> Page[M]:
-        if not 1 <= limit <= MAX_PAGE:
-            raise BadRequest(f"limit must be between 1 and {MAX_PAGE}", slug="invalid-limit")
+        _check_limit(limit)
         # Re-apply the tenant filter: a caller-built statement cannot widen the scope.
         stmt = (
             self.query() if stmt is None else stmt.where(self._cols().tenant_id == self.tenant_id)
@@ -73,4 +73,58 @@ class TenantRepository(Generic[M]):
 
     def add(self, row: M) -> M:
         self.session.add(row)
+        return row
+
+
+def _check_limit(limit: int) -> None:
+    if not 1 <= limit <= MAX_PAGE:
+        raise BadRequest(f"limit must be between 1 and {MAX_PAGE}", slug="invalid-limit")
+
+
+class TenantReads:
+    """The unfiltered page and the get-by-id of a tenant-owned table, on the driver.
+
+    The same answers as `TenantRepository.page()` and `.get()`, for the hot GET routes: rows
+    come back as read-only records (named tuples with the table's column names), not ORM
+    objects. The tenant filter is part of every prebuilt statement.
+    """
+
+    def __init__(
+        self,
+        table: FromClause,
+        *,
+        exclude: Collection[str] = (),
+        not_found_detail: str = "no such resource",
+    ) -> None:
+        cols = table.c
+        # Columns no answer shows (password hashes…) are not even read.
+        shown = [c for c in cols if c.key not in exclude]
+        scoped = select(*shown).where(cols.tenant_id == bindparam("tenant_id"))
+        newest_first = cols.id.desc()
+        self._first = Query(scoped.order_by(newest_first).limit(bindparam("limit")))
+        self._after = Query(
+            scoped.where(cols.id < bindparam("after"))
+            .order_by(newest_first)
+            .limit(bindparam("limit"))
+        )
+        self._one = Query(scoped.where(cols.id == bindparam("id")))
+        self.not_found_detail = not_found_detail
+
+    async def page(
+        self, reads: DriverReads, tenant_id: str, *, limit: int = 50, after: str | None = None
+    ) -> Page[Any]:
+        _check_limit(limit)
+        if after:
+            rows = await reads.all(self._after, tenant_id=tenant_id, after=after, limit=limit + 1)
+        else:
+            rows = await reads.all(self._first, tenant_id=tenant_id, limit=limit + 1)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return Page(rows, str(rows[-1].id) if more and rows else None)
+
+    async def get(self, reads: DriverReads, tenant_id: str, row_id: str) -> Any:
+        """The row, or 404 whether it is missing or another tenant's."""
+        row = await reads.first(self._one, tenant_id=tenant_id, id=row_id)
+        if row is None:
+            raise NotFound(self.not_found_detail)
         return row

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
 
@@ -51,11 +51,11 @@ def _tokens(tokens: service.Tokens) -> dict[str, object]:
     }
 
 
-def _user(user: User) -> UserOut:
+def _user(user: User | Any) -> UserOut:
     return UserOut.model_validate(user, from_attributes=True)
 
 
-def _key(key: ApiKey) -> ApiKeyOut:
+def _key(key: ApiKey | Any) -> ApiKeyOut:
     return ApiKeyOut.model_validate(key, from_attributes=True)
 
 
@@ -156,17 +156,19 @@ async def me(principal: Viewer, session: ReadSessionDep) -> dict[str, object]:
 
 @router.get("/users", response_model=ListResponse[UserOut], tags=["users"])
 async def list_users(
-    principal: Admin, session: ReadSessionDep, limit: Limit = 50, after: After = None
+    principal: Admin, platform: PlatformDep, limit: Limit = 50, after: After = None
 ) -> ListResponse[UserOut]:
     """Users of the caller's tenant, newest first. Role: admin."""
-    page = await service.UserRepository(session, principal.tenant_id).page(limit=limit, after=after)
+    page = await service.USER_READS.page(
+        platform.db.driver, principal.tenant_id, limit=limit, after=after
+    )
     return ListResponse(data=[_user(u) for u in page.items], next=page.next)
 
 
 @router.get("/users/{user_id}", response_model=UserOut, tags=["users"])
-async def get_user(user_id: str, principal: Admin, session: ReadSessionDep) -> UserOut:
+async def get_user(user_id: str, principal: Admin, platform: PlatformDep) -> UserOut:
     """One user. Role: admin."""
-    return _user(await service.UserRepository(session, principal.tenant_id).get(user_id))
+    return _user(await service.USER_READS.get(platform.db.driver, principal.tenant_id, user_id))
 
 
 @router.patch("/users/{user_id}", response_model=UserOut, tags=["users"])
@@ -215,18 +217,19 @@ async def create_api_key(
 
 @router.get("/api-keys", response_model=ListResponse[ApiKeyOut], tags=["api-keys"])
 async def list_api_keys(
-    principal: Admin, session: ReadSessionDep, limit: Limit = 50, after: After = None
+    principal: Admin, platform: PlatformDep, limit: Limit = 50, after: After = None
 ) -> ListResponse[ApiKeyOut]:
     """API keys of the tenant (never their secrets), newest first. Role: admin."""
-    repo = service.ApiKeyRepository(session, principal.tenant_id)
-    page = await repo.page(limit=limit, after=after)
+    page = await service.API_KEY_READS.page(
+        platform.db.driver, principal.tenant_id, limit=limit, after=after
+    )
     return ListResponse(data=[_key(k) for k in page.items], next=page.next)
 
 
 @router.get("/api-keys/{key_id}", response_model=ApiKeyOut, tags=["api-keys"])
-async def get_api_key(key_id: str, principal: Admin, session: ReadSessionDep) -> ApiKeyOut:
+async def get_api_key(key_id: str, principal: Admin, platform: PlatformDep) -> ApiKeyOut:
     """One API key. Role: admin."""
-    return _key(await service.ApiKeyRepository(session, principal.tenant_id).get(key_id))
+    return _key(await service.API_KEY_READS.get(platform.db.driver, principal.tenant_id, key_id))
 
 
 @router.delete("/api-keys/{key_id}", status_code=204, tags=["api-keys"])

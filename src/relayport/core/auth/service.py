@@ -24,7 +24,7 @@ from relayport.core.auth.tokens import (
 from relayport.core.db import utcnow
 from relayport.core.errors import Conflict, Problem, Unauthorized
 from relayport.core.ids import new_id
-from relayport.core.repository import TenantRepository
+from relayport.core.repository import TenantReads, TenantRepository
 from relayport.core.tenants import Tenant, create_tenant
 
 
@@ -41,9 +41,20 @@ class UserRepository(TenantRepository[User]):
     not_found_detail = "no such user"
 
 
+# The list and get-by-id GET routes read on the driver (see core.fastread).
+USER_READS = TenantReads(
+    User.__table__, exclude={"password_hash"}, not_found_detail=UserRepository.not_found_detail
+)
+
+
 class ApiKeyRepository(TenantRepository[ApiKey]):
     model = ApiKey
     not_found_detail = "no such API key"
+
+
+API_KEY_READS = TenantReads(
+    ApiKey.__table__, exclude={"key_hash"}, not_found_detail=ApiKeyRepository.not_found_detail
+)
 
 
 def normalize_email(email: str) -> str:

@@ -1,0 +1,208 @@
+"""Reads on the driver (`core.fastread`, `TenantReads`): the same answers as the ORM, tenant
+scoped, fresh after every commit, and resilient to a busy SQLite file and dropped PostgreSQL
+connections."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import sqlite3
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import pytest
+from sqlalchemy import bindparam, select
+
+from relayport.core.auth.models import ApiKey
+from relayport.core.auth.service import API_KEY_READS, ApiKeyRepository
+from relayport.core.db import Database, utcnow
+from relayport.core.errors import BadRequest, NotFound
+from relayport.core.fastread import DatabaseUnavailable, Query
+from relayport.core.tenants import Tenant
+from relayport.delivery.models import Endpoint
+from relayport.settings import Settings
+
+COLUMNS = [c.key for c in ApiKey.__table__.c if c.key != "key_hash"]  # never read for lists
+
+
+@pytest.fixture
+async def db(settings_kwargs: dict[str, Any]) -> AsyncIterator[Database]:
+    database = Database(Settings(**settings_kwargs).database_url)
+    try:
+        yield database
+    finally:
+        await database.dispose()
+
+
+async def _seed(db: Database, tenant: str, count: int) -> list[str]:
+    now = utcnow()
+    ids = [f"key_{tenant}_{i:03d}" for i in range(count)]
+    async with db.transaction() as session:
+        session.add(Tenant(id=tenant, name=f"<script>'{tenant}'", plan="free", created_at=now))
+        await session.flush()
+        for i, key_id in enumerate(ids):
+            session.add(
+                ApiKey(
+                    id=key_id,
+                    tenant_id=tenant,
+                    name=f"key \u202e{i}",
+                    prefix="rp_abc",
+                    key_hash=f"{tenant}:{i}".ljust(64, "0"),
+                    role="admin",
+                    created_at=now - dt.timedelta(seconds=i),
+                    expires_at=None if i % 2 else now + dt.timedelta(days=1),
+                )
+            )
+    return ids
+
+
+def _as_tuple(row: Any) -> tuple[Any, ...]:
+    return tuple(getattr(row, c) for c in COLUMNS)
+
+
+async def test_pages_match_the_orm_value_for_value(db: Database) -> None:
+    await _seed(db, "ten_a", 7)
+    await _seed(db, "ten_b", 3)
+    after: str | None = None
+    seen = 0
+    while True:
+        fast = await API_KEY_READS.page(db.driver, "ten_a", limit=3, after=after)
+        async with db.reads() as session:
+            orm = await ApiKeyRepository(session, "ten_a").page(limit=3, after=after)
+        assert [_as_tuple(r) for r in fast.items] == [_as_tuple(r) for r in orm.items]
+        assert fast.next == orm.next
+        for row in fast.items:
+            assert row.tenant_id == "ten_a"
+            assert row.created_at.tzinfo is dt.UTC
+        seen += len(fast.items)
+        if fast.next is None:
+            break
+        after = fast.next
+    assert seen == 7
+
+
+async def test_get_is_scoped_to_the_tenant(db: Database) -> None:
+    [theirs] = await _seed(db, "ten_b", 1)
+    await _seed(db, "ten_a", 1)
+    assert (await API_KEY_READS.get(db.driver, "ten_b", theirs)).id == theirs
+    with pytest.raises(NotFound):
+        await API_KEY_READS.get(db.driver, "ten_a", theirs)
+    with pytest.raises(NotFound):
+        await API_KEY_READS.get(db.driver, "ten_a", "key_' OR '1'='1")
+    with pytest.raises(BadRequest):
+        await API_KEY_READS.page(db.driver, "ten_a", limit=0)
+
+
+async def test_a_read_sees_the_commit_before_it(db: Database) -> None:
+    await _seed(db, "ten_a", 1)
+    assert len((await API_KEY_READS.page(db.driver, "ten_a")).items) == 1
+    async with db.transaction() as session:
+        session.add(
+            ApiKey(
+                id="key_new",
+                tenant_id="ten_a",
+                name="n",
+                prefix="p",
+                key_hash="h" * 64,
+                role="viewer",
+            )
+        )
+    page = await API_KEY_READS.page(db.driver, "ten_a")
+    assert sorted(r.id for r in page.items) == ["key_new", "key_ten_a_000"]
+
+
+async def test_json_columns_decode_as_the_orm_does(db: Database) -> None:
+    await _seed(db, "ten_a", 0)
+    async with db.transaction() as session:
+        session.add(
+            Endpoint(
+                id="ep_1",
+                tenant_id="ten_a",
+                url="https://example.com/hook",
+                filter_types=["a.b", "c"],
+                headers={"x-one": "1"},
+                secrets_token="not read here",
+            )
+        )
+    cols = Endpoint.__table__.c
+    query = Query(
+        select(cols.id, cols.filter_types, cols.headers, cols.channels, cols.fifo).where(
+            cols.tenant_id == bindparam("tenant_id")
+        )
+    )
+    [row] = await db.driver.all(query, tenant_id="ten_a")
+    assert tuple(row) == ("ep_1", ["a.b", "c"], {"x-one": "1"}, None, False)
+    assert row.headers == {"x-one": "1"}
+    assert await db.driver.all(query, tenant_id="ten_b") == []
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+async def test_sqlite_busy_falls_back_to_the_engine_and_waits(db: Database) -> None:
+    """A connection holding SQLite's exclusive lock blocks every reader, even in WAL mode:
+    the loop-thread read must not wait (timeout 0); the fallback waits on a worker thread.
+    The lock can only be taken while no other connection has the file open, so the pools
+    and the fast connection are closed first (all reopen on demand)."""
+    await _seed(db, "ten_a", 2)
+    await API_KEY_READS.page(db.driver, "ten_a")
+    await db.driver.close()
+    await db.engine.dispose()
+    await db.read_engine.dispose()
+    path = db.engine.url.database
+    assert path
+    locked = threading.Event()
+    release = threading.Event()
+
+    def hold_lock() -> None:
+        conn = sqlite3.connect(path, isolation_level=None)
+        conn.execute("PRAGMA locking_mode=EXCLUSIVE")
+        conn.execute("BEGIN EXCLUSIVE")
+        conn.execute("UPDATE api_keys SET name = name")
+        locked.set()
+        release.wait(10)
+        conn.execute("COMMIT")
+        conn.close()
+
+    holder = threading.Thread(target=hold_lock)
+    holder.start()
+    try:
+        assert await asyncio.to_thread(locked.wait, 10)
+        asyncio.get_running_loop().call_later(0.3, release.set)
+        started = asyncio.get_running_loop().time()
+        page = await API_KEY_READS.page(db.driver, "ten_a")
+        waited = asyncio.get_running_loop().time() - started
+    finally:
+        release.set()
+        await asyncio.to_thread(holder.join, 10)
+    assert len(page.items) == 2
+    assert waited >= 0.2  # it waited for the lock instead of failing
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+async def test_postgres_reads_survive_terminated_backends(
+    db: Database, postgres_admin_url: str
+) -> None:
+    await _seed(db, "ten_a", 2)
+    assert len((await API_KEY_READS.page(db.driver, "ten_a")).items) == 2
+    admin = await asyncpg.connect(postgres_admin_url)
+    try:
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = $1 AND pid <> pg_backend_pid()",
+            db.engine.url.database,
+        )
+    finally:
+        await admin.close()
+    for _ in range(3):
+        assert len((await API_KEY_READS.page(db.driver, "ten_a")).items) == 2
+
+
+async def test_an_unreachable_postgres_is_database_unavailable() -> None:
+    """Nothing listens on port 1: the first read's pool cannot connect."""
+    db = Database("postgresql+asyncpg://postgres@127.0.0.1:1/nothing")
+    try:
+        with pytest.raises(DatabaseUnavailable):
+            await API_KEY_READS.page(db.driver, "ten_a")
+    finally:
+        await db.dispose()
