@@ -14,26 +14,20 @@ from relayport.configs.routes import router as configs_router
 from relayport.core import errors
 from relayport.core.audit_routes import router as audit_router
 from relayport.core.auth.routes import router as auth_router
+from relayport.core.edge import EdgeMiddleware
 from relayport.core.health import router as health_router
 from relayport.core.limits import RateLimitMiddleware
 from relayport.core.platform import Platform
 from relayport.core.route_index import index_routes
 from relayport.core.security import (
     BodyLimitMiddleware,
-    ClientIpMiddleware,
     ConcurrencyLimitMiddleware,
     InFlightGate,
     ProblemCORSMiddleware,
-    RequestIdMiddleware,
-    SecurityHeadersMiddleware,
+    SecurityHeaders,
     cors_kwargs,
 )
-from relayport.core.telemetry import (
-    MetricsMiddleware,
-    TracingMiddleware,
-    configure_tracing,
-    shutdown_tracing,
-)
+from relayport.core.telemetry import TracingMiddleware, configure_tracing, shutdown_tracing
 from relayport.delivery.routes import router as delivery_router
 from relayport.ingest.routes import body_limit_for as ingest_body_limit
 from relayport.ingest.routes import router as ingest_router
@@ -106,8 +100,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return getattr(app.state, "platform", None)
 
     # Added innermost first: the last one added sees the request first. Outermost first:
-    # RequestId → Tracing → Metrics → SecurityHeaders → CORS → ClientIp → Concurrency →
-    # IP rate limit → BodyLimit → routes; refusals thus still get ids, metrics and headers.
+    # Edge (request id, client IP, security headers, metrics) → Tracing → CORS →
+    # Concurrency → rate limit → BodyLimit → routes; refusals thus still get ids, metrics
+    # and headers.
     app.add_middleware(
         BodyLimitMiddleware,
         max_bytes=settings.http.body_limit_bytes,
@@ -115,16 +110,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.add_middleware(RateLimitMiddleware, platform=platform)
     app.add_middleware(ConcurrencyLimitMiddleware, gate=gate)
-    app.add_middleware(ClientIpMiddleware, trusted_proxies=settings.http.trusted_proxies)
     cors = cors_kwargs(settings.http)
     if cors is not None:
         app.add_middleware(ProblemCORSMiddleware, **cors)
-    if settings.http.security_headers:
-        app.add_middleware(SecurityHeadersMiddleware)
-    app.add_middleware(MetricsMiddleware)
     if settings.telemetry.otlp_endpoint:  # off by default: then it costs nothing
         app.add_middleware(TracingMiddleware)
-    app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(
+        EdgeMiddleware,
+        trusted_proxies=settings.http.trusted_proxies,
+        security_headers=SecurityHeaders() if settings.http.security_headers else None,
+    )
     return app
 
 

@@ -1,4 +1,5 @@
-"""The request-level middleware in `relayport.core.security`, driven through HTTP on tiny apps."""
+"""The request-level middleware (`relayport.core.edge` and `relayport.core.security`), driven
+through HTTP on tiny apps."""
 
 from __future__ import annotations
 
@@ -19,14 +20,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from relayport.core import errors
 from relayport.core.context import request_id_var
+from relayport.core.edge import EdgeMiddleware
 from relayport.core.security import (
     BodyLimitMiddleware,
-    ClientIpMiddleware,
     ConcurrencyLimitMiddleware,
     InFlightGate,
     ProblemCORSMiddleware,
-    RequestIdMiddleware,
-    SecurityHeadersMiddleware,
     client_ip,
     cors_kwargs,
 )
@@ -72,7 +71,7 @@ async def eventually(check: Callable[[], bool], timeout_s: float = 2.0) -> None:
 
 async def test_sane_incoming_request_id_is_kept_bound_and_echoed() -> None:
     app = base_app()
-    app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(EdgeMiddleware)
     async with client(app) as c:
         r = await c.get("/v1/echo", headers={"X-Request-ID": "edge-7f3a.b:c_d"})
     assert r.headers["x-request-id"] == "edge-7f3a.b:c_d"
@@ -88,7 +87,7 @@ async def test_sane_incoming_request_id_is_kept_bound_and_echoed() -> None:
 )
 async def test_insane_incoming_request_id_is_replaced(incoming: str) -> None:
     app = base_app()
-    app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(EdgeMiddleware)
     async with client(app) as c:
         r = await c.get("/v1/echo", headers={b"X-Request-ID": incoming.encode("utf-8")})
     echoed = r.headers["x-request-id"]
@@ -100,7 +99,7 @@ async def test_insane_incoming_request_id_is_replaced(incoming: str) -> None:
 
 async def test_missing_request_id_is_generated_fresh_per_request() -> None:
     app = base_app()
-    app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(EdgeMiddleware)
     async with client(app) as c:
         first = (await c.get("/v1/echo")).headers["x-request-id"]
         second = (await c.get("/v1/echo")).headers["x-request-id"]
@@ -110,7 +109,7 @@ async def test_missing_request_id_is_generated_fresh_per_request() -> None:
 async def test_request_id_is_on_middleware_error_responses() -> None:
     app = base_app()
     app.add_middleware(BodyLimitMiddleware, max_bytes=1)
-    app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(EdgeMiddleware)
     async with client(app) as c:
         r = await c.post("/v1/echo", content=b"too big", headers={"X-Request-ID": "r1"})
     assert r.status_code == 413
@@ -129,7 +128,7 @@ def headers_app() -> FastAPI:
             {}, headers={"Cache-Control": "max-age=60", "X-Frame-Options": "SAMEORIGIN"}
         )
 
-    app.add_middleware(SecurityHeadersMiddleware)
+    app.add_middleware(EdgeMiddleware)
     return app
 
 
@@ -415,8 +414,7 @@ def test_forwarded_client_ip_is_always_an_address(xff: list[str]) -> None:
 
 async def test_client_ip_middleware_stores_the_address_and_trusted_https() -> None:
     app = base_app()
-    app.add_middleware(ClientIpMiddleware, trusted_proxies=["10.0.0.0/8"])
-    app.add_middleware(SecurityHeadersMiddleware)  # outside, as in the app: reads the scheme late
+    app.add_middleware(EdgeMiddleware, trusted_proxies=["10.0.0.0/8"])
     forwarded = {"X-Forwarded-For": "203.0.113.7", "X-Forwarded-Proto": "https"}
     async with client(app, client=("10.0.0.5", 1000)) as via_proxy:
         r = await via_proxy.get("/v1/echo", headers=forwarded)
@@ -446,8 +444,7 @@ def ws_app(gate: InFlightGate | None = None) -> FastAPI:
         await websocket.close()
 
     app.add_middleware(ConcurrencyLimitMiddleware, gate=gate or InFlightGate(1))
-    app.add_middleware(ClientIpMiddleware, trusted_proxies=[])
-    app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(EdgeMiddleware)
     return app
 
 
@@ -495,11 +492,10 @@ async def test_websocket_is_refused_while_draining() -> None:
 
 
 MIDDLEWARE: list[Callable[[ASGIApp], ASGIApp]] = [
-    RequestIdMiddleware,
-    SecurityHeadersMiddleware,
+    EdgeMiddleware,
+    lambda app: EdgeMiddleware(app, trusted_proxies=["10.0.0.0/8"], security_headers=None),
     lambda app: BodyLimitMiddleware(app, max_bytes=1),
     lambda app: ConcurrencyLimitMiddleware(app, max_in_flight=1),
-    lambda app: ClientIpMiddleware(app, trusted_proxies=["10.0.0.0/8"]),
 ]
 
 
@@ -552,3 +548,28 @@ async def test_rejected_preflight_is_problem_json_and_allowed_one_passes() -> No
     assert good.headers["access-control-allow-origin"] == "https://app.example.com"
     assert simple.headers["access-control-allow-origin"] == "https://app.example.com"
     assert "X-Request-ID" in simple.headers["access-control-expose-headers"]
+
+
+# --- the edge as one layer --------------------------------------------------------------------
+
+
+async def test_edge_adds_inner_layers_headers_once_and_can_skip_security_headers() -> None:
+    app = base_app()
+
+    @app.get("/v1/limited")
+    async def limited(request: Request) -> Response:
+        # What RateLimitMiddleware leaves for the edge; the route's own copy wins.
+        request.scope["state"]["response_headers"] = [
+            (b"ratelimit-limit", b"10"),
+            (b"ratelimit-remaining", b"9"),
+        ]
+        return JSONResponse({}, headers={"RateLimit-Remaining": "3"})
+
+    app.add_middleware(EdgeMiddleware, security_headers=None)
+    async with client(app) as c:
+        r = await c.get("/v1/limited", headers={"X-Request-ID": "edge-1"})
+    assert r.headers.get_list("ratelimit-limit") == ["10"]
+    assert r.headers.get_list("ratelimit-remaining") == ["3"]
+    assert r.headers.get_list("x-request-id") == ["edge-1"]
+    assert "x-frame-options" not in r.headers
+    assert "content-security-policy" not in r.headers

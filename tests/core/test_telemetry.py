@@ -25,12 +25,11 @@ from starlette.types import ASGIApp
 
 from relayport.core import errors
 from relayport.core.context import tenant_id_var
-from relayport.core.security import RequestIdMiddleware
+from relayport.core.edge import EdgeMiddleware
 from relayport.core.telemetry import (
     REGISTRY,
     JsonFormatter,
     LogHandler,
-    MetricsMiddleware,
     TracingMiddleware,
     configure_logging,
     configure_tracing,
@@ -93,7 +92,7 @@ def count(route: str, method: str = "GET", status: str = "200") -> float:
 
 async def test_request_counter_uses_the_route_template_and_increments() -> None:
     app = routed_app()
-    app.add_middleware(MetricsMiddleware)
+    app.add_middleware(EdgeMiddleware)
     before = count("/v1/api-keys/{key_id}")
     observed = REGISTRY.get_sample_value(
         "http_request_duration_seconds_count", {"route": "/v1/api-keys/{key_id}", "method": "GET"}
@@ -127,7 +126,7 @@ async def test_request_counter_uses_the_route_template_and_increments() -> None:
 )
 async def test_route_label(path: str, route: str, status: str) -> None:
     app = routed_app()
-    app.add_middleware(MetricsMiddleware)
+    app.add_middleware(EdgeMiddleware)
     before = count(route, status=status)
     async with client(app) as c:
         r = await c.get(path)
@@ -137,7 +136,7 @@ async def test_route_label(path: str, route: str, status: str) -> None:
 
 async def test_unknown_methods_share_one_label() -> None:
     app = routed_app()
-    app.add_middleware(MetricsMiddleware)
+    app.add_middleware(EdgeMiddleware)
     before = count("/items/{item_id}", method="_OTHER", status="405")
     async with client(app) as c:
         r = await c.request("BREW", "/items/1")
@@ -147,7 +146,7 @@ async def test_unknown_methods_share_one_label() -> None:
 
 async def test_metrics_endpoint_serves_prometheus_text() -> None:
     app = routed_app()
-    app.add_middleware(MetricsMiddleware)
+    app.add_middleware(EdgeMiddleware)
     async with client(app) as c:
         await c.get("/items/1")
         r = await c.get("/metrics")
@@ -188,7 +187,7 @@ async def test_json_log_line_carries_the_request_id(root_logging: None) -> None:
     buffer = io.StringIO()
     configure_logging(TelemetrySettings(log_level="INFO", log_json=True), stream=buffer)
     app = routed_app()
-    app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(EdgeMiddleware)
     async with client(app) as c:
         r = await c.get("/v1/api-keys/key_9", headers={"X-Request-ID": "req-abc"})
     assert r.status_code == 200
@@ -294,7 +293,7 @@ def spans() -> tuple[TracerProvider, InMemorySpanExporter]:
 
 def traced(app: FastAPI, provider: TracerProvider) -> FastAPI:
     app.add_middleware(TracingMiddleware, tracer_provider=provider)
-    app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(EdgeMiddleware)
     return app
 
 

@@ -1,9 +1,10 @@
 """Request-level protection: ids, security headers, body and concurrency limits, client IPs, CORS.
 
-Everything here is pure ASGI; see `middleware` for the order the app factory stacks them in.
+Middleware here is pure ASGI; `core.edge` applies the per-request policies (ids, headers,
+addresses); see `middleware` for the order the app factory stacks everything in.
 """
 
-from relayport.core.security.client_ip import ClientIpMiddleware, client_ip, parse_networks
+from relayport.core.security.client_ip import client_ip, parse_networks, resolve_client
 from relayport.core.security.middleware import (
     API_CSP,
     DOCS_CSP,
@@ -12,9 +13,9 @@ from relayport.core.security.middleware import (
     ConcurrencyLimitMiddleware,
     InFlightGate,
     ProblemCORSMiddleware,
-    RequestIdMiddleware,
-    SecurityHeadersMiddleware,
+    SecurityHeaders,
     cors_kwargs,
+    request_id_for,
     send_problem,
 )
 
@@ -23,14 +24,14 @@ __all__ = [
     "DOCS_CSP",
     "PROBE_PATHS",
     "BodyLimitMiddleware",
-    "ClientIpMiddleware",
     "ConcurrencyLimitMiddleware",
     "InFlightGate",
     "ProblemCORSMiddleware",
-    "RequestIdMiddleware",
-    "SecurityHeadersMiddleware",
+    "SecurityHeaders",
     "client_ip",
     "cors_kwargs",
     "parse_networks",
+    "request_id_for",
+    "resolve_client",
     "send_problem",
 ]

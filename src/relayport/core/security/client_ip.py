@@ -15,7 +15,7 @@ import functools
 import ipaddress
 from collections.abc import Iterable, Sequence
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Scope
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -122,31 +122,12 @@ def forwarded_scheme(scope: Scope, trusted_proxies: Sequence[IPNetwork]) -> str 
     return None
 
 
-class ClientIpMiddleware:
-    """Puts the client address in `scope["state"]["client_ip"]` for http and websocket scopes.
-
-    From a trusted proxy it also applies X-Forwarded-Proto to `scope["scheme"]`, so HTTPS
-    terminated at the proxy still counts as HTTPS (HSTS, absolute URLs).
-    """
-
-    def __init__(
-        self,
-        app: ASGIApp,
-        trusted_proxies: Iterable[str | IPNetwork] = (),
-        *,
-        trust_forwarded_proto: bool = True,
-    ) -> None:
-        self.app = app
-        self.trusted_proxies = parse_networks(trusted_proxies)
-        self.trust_forwarded_proto = trust_forwarded_proto
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        kind = scope["type"]
-        if kind in ("http", "websocket"):
-            state = scope.setdefault("state", {})
-            state["client_ip"] = client_ip(scope, self.trusted_proxies)
-            if self.trust_forwarded_proto and self.trusted_proxies:
-                scheme = forwarded_scheme(scope, self.trusted_proxies)
-                if scheme is not None:
-                    scope["scheme"] = scheme if kind == "http" else scheme.replace("http", "ws")
-        await self.app(scope, receive, send)
+def resolve_client(scope: Scope, trusted_proxies: Sequence[IPNetwork]) -> None:
+    """Put the client address in `scope["state"]["client_ip"]` (http and websocket scopes);
+    from a trusted proxy, apply X-Forwarded-Proto to `scope["scheme"]` too, so HTTPS
+    terminated at the proxy still counts as HTTPS (HSTS, absolute URLs)."""
+    scope.setdefault("state", {})["client_ip"] = client_ip(scope, trusted_proxies)
+    if trusted_proxies:
+        scheme = forwarded_scheme(scope, trusted_proxies)
+        if scheme is not None:
+            scope["scheme"] = scheme if scope["type"] == "http" else scheme.replace("http", "ws")

@@ -1,16 +1,18 @@
-"""Pure-ASGI middleware for every request: ids, security headers, body and concurrency limits.
+"""Request-level protection: request ids, security headers, body and concurrency limits.
 
-Pure ASGI rather than `BaseHTTPMiddleware`: that one runs the app in a separate task, costs a
-copy of every message, and breaks streaming and contextvars. Each class here is
+Request ids and security headers are policies applied by `core.edge.EdgeMiddleware`, the one
+outermost layer; the body and concurrency limits and CORS are pure-ASGI middleware of their
+own. Pure ASGI rather than `BaseHTTPMiddleware`: that one runs the app in a separate task,
+costs a copy of every message, and breaks streaming and contextvars. Each class here is
 `X(app, ...)` with `async __call__(scope, receive, send)` and passes lifespan scopes through.
 Responses produced here are problem+json like every other error (see `core.errors`).
 
 Order, outermost first (`app.add_middleware` in the reverse order):
-RequestId → Tracing → Metrics → SecurityHeaders → ProblemCORS → ClientIp → ConcurrencyLimit
-→ (IP rate limit) → BodyLimit → app. Ids, spans and metrics wrap everything so refusals are
-seen too; security and CORS headers go on refusals as well, so a browser can read a 413/429/503.
-Starlette's ServerErrorMiddleware always sits outside user middleware: an unhandled exception's
-500 bypasses these headers (the request id is in its body).
+Edge (request id, client IP, security headers, metrics) → Tracing → ProblemCORS →
+ConcurrencyLimit → RateLimit → BodyLimit → app. Ids and metrics wrap everything so refusals
+are seen too; security and CORS headers go on refusals as well, so a browser can read a
+413/429/503. Starlette's ServerErrorMiddleware always sits outside user middleware: an
+unhandled exception's 500 bypasses these headers (the request id is in its body).
 """
 
 from __future__ import annotations
@@ -29,24 +31,24 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from relayport.core.context import request_id_var
 from relayport.core.errors import PROBLEM_JSON, problem_bytes
-from relayport.core.security.client_ip import ClientIpMiddleware, client_ip
 from relayport.settings import HttpSettings
 
 __all__ = [
     "API_CSP",
     "DOCS_CSP",
+    "ID_MESSAGES",
     "PROBE_PATHS",
+    "REQUEST_ID_HEADER",
+    "RESPONSE_HEADERS",
     "BodyLimitMiddleware",
-    "ClientIpMiddleware",
     "ConcurrencyLimitMiddleware",
     "InFlightGate",
     "ProblemCORSMiddleware",
-    "RequestIdMiddleware",
-    "SecurityHeadersMiddleware",
-    "client_ip",
+    "SecurityHeaders",
     "cors_kwargs",
+    "request_id_for",
+    "route_path",
     "send_problem",
 ]
 
@@ -108,50 +110,21 @@ def _close_connection(scope: Scope) -> RawHeaders:
 
 # Ids are echoed into headers and logs: anything outside this set could inject into either.
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
-_REQUEST_ID_HEADER = b"x-request-id"
-_ID_MESSAGES = frozenset(
+REQUEST_ID_HEADER = b"x-request-id"
+# The messages that open a response: the request id goes on each.
+ID_MESSAGES = frozenset(
     {"http.response.start", "websocket.accept", "websocket.http.response.start"}
 )
 
 
-class RequestIdMiddleware:
-    """Accepts a sane incoming X-Request-ID or makes one; stores, binds and echoes it."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket"):
-            await self.app(scope, receive, send)
-            return
-        incoming = next(
-            (v for k, v in scope.get("headers", ()) if k.lower() == _REQUEST_ID_HEADER), None
-        )
-        if incoming is not None and _REQUEST_ID.fullmatch(incoming):
-            request_id = incoming.decode("ascii")
-        else:
-            request_id = os.urandom(16).hex()  # 128 random bits, as a uuid4 but cheaper
-        state = scope.setdefault("state", {})
-        state["request_id"] = request_id
-        echoed = (_REQUEST_ID_HEADER, request_id.encode("ascii"))
-
-        async def send_with_id(message: Message) -> None:
-            if message["type"] in _ID_MESSAGES:
-                present = _header_names(message)
-                # Inner layers that learn headers before the response exists (rate-limit
-                # state) leave them in the scope, so they need no send wrapper of their own.
-                extra = [h for h in state.get(RESPONSE_HEADERS, ()) if h[0] not in present]
-                if _REQUEST_ID_HEADER not in present:
-                    extra.append(echoed)
-                if extra:
-                    message = _with_headers(message, extra)
-            await send(message)
-
-        token = request_id_var.set(request_id)
-        try:
-            await self.app(scope, receive, send_with_id)
-        finally:
-            request_id_var.reset(token)
+def request_id_for(scope: Scope) -> str:
+    """A sane incoming X-Request-ID, or 128 fresh random bits (as a uuid4, but cheaper)."""
+    incoming = next(
+        (v for k, v in scope.get("headers", ()) if k.lower() == REQUEST_ID_HEADER), None
+    )
+    if incoming is not None and _REQUEST_ID.fullmatch(incoming):
+        return str(incoming.decode("ascii"))
+    return os.urandom(16).hex()
 
 
 # --- security headers -------------------------------------------------------------------------
@@ -174,12 +147,11 @@ DOCS_CSP = (
 )
 
 
-class SecurityHeadersMiddleware:
-    """Adds browser hardening headers to every HTTP response, never replacing one a route set."""
+class SecurityHeaders:
+    """Browser hardening headers for every HTTP response; a header a route set is kept."""
 
     def __init__(
         self,
-        app: ASGIApp,
         *,
         csp: str = API_CSP,
         docs_csp: str = DOCS_CSP,
@@ -187,7 +159,6 @@ class SecurityHeadersMiddleware:
         hsts: str = "max-age=31536000",
         cache_control: str = "no-store",
     ) -> None:
-        self.app = app
         self.docs_paths = tuple(p.rstrip("/") for p in docs_paths)
         common: RawHeaders = [
             (b"x-content-type-options", b"nosniff"),
@@ -205,25 +176,17 @@ class SecurityHeadersMiddleware:
         path = route_path(scope)
         return any(path == p or path.startswith(p + "/") for p in self.docs_paths)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    def missing(self, scope: Scope, present: Collection[bytes]) -> RawHeaders:
+        """The headers to add to a response that already has the names in `present`.
+
+        Called when the response starts, not on entry: a trusted proxy's X-Forwarded-Proto
+        may have changed the scheme since (HSTS only goes out over HTTPS).
+        """
         defaults = self._docs if self._is_docs(scope) else self._api
-
-        async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                present = _header_names(message)
-                extra = [(k, v) for k, v in defaults if k not in present]
-                # Read the scheme now, not on entry: ClientIpMiddleware may sit inside this one
-                # and apply X-Forwarded-Proto from a trusted proxy to the same scope.
-                if scope.get("scheme") == "https" and self._hsts[0] not in present:
-                    extra.append(self._hsts)
-                if extra:
-                    message = _with_headers(message, extra)
-            await send(message)
-
-        await self.app(scope, receive, send_with_headers)
+        extra = [(k, v) for k, v in defaults if k not in present]
+        if scope.get("scheme") == "https" and self._hsts[0] not in present:
+            extra.append(self._hsts)
+        return extra
 
 
 # --- body limit -------------------------------------------------------------------------------

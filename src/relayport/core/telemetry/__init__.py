@@ -1,6 +1,6 @@
 """Telemetry: Prometheus metrics on one registry, JSON logs with request ids, OpenTelemetry traces.
 
-`metrics` holds `REGISTRY` (every module's metrics go there) and the HTTP metrics middleware,
+`metrics` holds `REGISTRY` (every module's metrics go there) and the HTTP request metrics,
 `logs` the stdlib logging set-up, `tracing` the OTLP exporter and the span middleware, and
 `routing` the route-template lookup the last two share.
 """
@@ -17,8 +17,8 @@ from relayport.core.telemetry.metrics import (
     HTTP_DURATION,
     HTTP_REQUESTS,
     REGISTRY,
-    MetricsMiddleware,
     metrics_response,
+    record_request,
 )
 from relayport.core.telemetry.routing import UNMATCHED, route_template
 from relayport.core.telemetry.tracing import TracingMiddleware, configure_tracing, shutdown_tracing
@@ -31,12 +31,12 @@ __all__ = [
     "UNMATCHED",
     "JsonFormatter",
     "LogHandler",
-    "MetricsMiddleware",
     "TextFormatter",
     "TracingMiddleware",
     "configure_logging",
     "configure_tracing",
     "metrics_response",
+    "record_request",
     "route_template",
     "shutdown_tracing",
     "uvicorn_log_config",

@@ -164,7 +164,7 @@ def uvicorn_log_config(settings: TelemetrySettings | None = None) -> dict[str, A
     uvicorn starts fresh processes that apply this dict and nothing else.
 
     `uvicorn.access` stays at WARNING below DEBUG: its lines carry raw paths with query strings
-    (tokens included) and repeat what MetricsMiddleware logs at DEBUG with the route template.
+    (tokens included) and repeat what the edge middleware logs at DEBUG with the route template.
     """
     settings = settings or TelemetrySettings()
     formatter: dict[str, Any] = {

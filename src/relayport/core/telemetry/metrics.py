@@ -1,4 +1,4 @@
-"""The one Prometheus registry, the HTTP metrics and `GET /metrics`.
+"""The one Prometheus registry, the HTTP metrics (recorded by `core.edge`) and `GET /metrics`.
 
 Every module registers its metrics on `REGISTRY` (`Counter(..., registry=REGISTRY)`), never on
 prometheus_client's global default: one registry is what `/metrics` serves, and tests can read
@@ -10,9 +10,7 @@ process per container (the usual deployment) or scrape each worker's port.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from time import perf_counter
 from typing import Any
 
 from prometheus_client import (
@@ -26,7 +24,7 @@ from prometheus_client import (
     generate_latest,
 )
 from starlette.responses import Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Scope
 
 from relayport.core.telemetry.routing import UNMATCHED, route_template
 
@@ -68,67 +66,39 @@ def method_label(method: str) -> str:
 _CHILDREN: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
 
-class MetricsMiddleware:
-    """Counts and times every HTTP request under its route template; logs it at DEBUG."""
+def record_request(scope: Scope, root_path: str, status: int, elapsed: float) -> None:
+    """Count and time one HTTP request under its route template; log it at DEBUG.
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        root_path: str = scope.get("root_path", "")
-        status: int | None = None
-        started = perf_counter()
-
-        async def send_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        except asyncio.CancelledError:
-            status = status or CLIENT_CLOSED
-            raise
-        except BaseException:
-            # The server answers 500 for an app that raised before starting a response.
-            status = status or 500
-            raise
-        finally:
-            self._record(scope, root_path, status or 500, perf_counter() - started)
-
-    @staticmethod
-    def _record(scope: Scope, root_path: str, status: int, elapsed: float) -> None:
-        route = route_template(scope, root_path) or UNMATCHED
-        method = method_label(scope["method"])
-        key = (route, method, status)
-        children = _CHILDREN.get(key)
-        if children is None:
-            # `labels()` hashes and locks on every call; the label sets are few (templates,
-            # not paths), so keep their children.
-            children = _CHILDREN[key] = (
-                HTTP_REQUESTS.labels(route, method, str(status)),
-                HTTP_DURATION.labels(route, method),
-            )
-        children[0].inc()
-        children[1].observe(elapsed)
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug(
-                "%s %s %s",
-                method,
-                route,
-                status,
-                extra={
-                    "event": "http.request",
-                    "route": route,
-                    "method": method,
-                    "status": status,
-                    "duration_ms": round(elapsed * 1000, 3),
-                },
-            )
+    Called by `core.edge.EdgeMiddleware` once the response is over (or the app failed: the
+    server then answers 500; a client that hung up counts as 499).
+    """
+    route = route_template(scope, root_path) or UNMATCHED
+    method = method_label(scope["method"])
+    key = (route, method, status)
+    children = _CHILDREN.get(key)
+    if children is None:
+        # `labels()` hashes and locks on every call; the label sets are few (templates,
+        # not paths), so keep their children.
+        children = _CHILDREN[key] = (
+            HTTP_REQUESTS.labels(route, method, str(status)),
+            HTTP_DURATION.labels(route, method),
+        )
+    children[0].inc()
+    children[1].observe(elapsed)
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug(
+            "%s %s %s",
+            method,
+            route,
+            status,
+            extra={
+                "event": "http.request",
+                "route": route,
+                "method": method,
+                "status": status,
+                "duration_ms": round(elapsed * 1000, 3),
+            },
+        )
 
 
 def metrics_response() -> Response:
