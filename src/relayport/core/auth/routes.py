@@ -30,6 +30,7 @@ from relayport.core.deps import (
     Viewer,
     after_commit,
     client_ip,
+    platform_of,
 )
 from relayport.core.errors import RateLimited
 from relayport.core.schemas import ListResponse
@@ -156,19 +157,20 @@ async def me(principal: Viewer, session: ReadSessionDep) -> dict[str, object]:
 
 @router.get("/users", response_model=ListResponse[UserOut], tags=["users"])
 async def list_users(
-    principal: Admin, platform: PlatformDep, limit: Limit = 50, after: After = None
+    principal: Admin, request: Request, limit: Limit = 50, after: After = None
 ) -> ListResponse[UserOut]:
     """Users of the caller's tenant, newest first. Role: admin."""
     page = await service.USER_READS.page(
-        platform.db.driver, principal.tenant_id, limit=limit, after=after
+        platform_of(request).db.driver, principal.tenant_id, limit=limit, after=after
     )
     return ListResponse(data=[_user(u) for u in page.items], next=page.next)
 
 
 @router.get("/users/{user_id}", response_model=UserOut, tags=["users"])
-async def get_user(user_id: str, principal: Admin, platform: PlatformDep) -> UserOut:
+async def get_user(user_id: str, principal: Admin, request: Request) -> UserOut:
     """One user. Role: admin."""
-    return _user(await service.USER_READS.get(platform.db.driver, principal.tenant_id, user_id))
+    driver = platform_of(request).db.driver
+    return _user(await service.USER_READS.get(driver, principal.tenant_id, user_id))
 
 
 @router.patch("/users/{user_id}", response_model=UserOut, tags=["users"])
@@ -217,19 +219,20 @@ async def create_api_key(
 
 @router.get("/api-keys", response_model=ListResponse[ApiKeyOut], tags=["api-keys"])
 async def list_api_keys(
-    principal: Admin, platform: PlatformDep, limit: Limit = 50, after: After = None
+    principal: Admin, request: Request, limit: Limit = 50, after: After = None
 ) -> ListResponse[ApiKeyOut]:
     """API keys of the tenant (never their secrets), newest first. Role: admin."""
     page = await service.API_KEY_READS.page(
-        platform.db.driver, principal.tenant_id, limit=limit, after=after
+        platform_of(request).db.driver, principal.tenant_id, limit=limit, after=after
     )
     return ListResponse(data=[_key(k) for k in page.items], next=page.next)
 
 
 @router.get("/api-keys/{key_id}", response_model=ApiKeyOut, tags=["api-keys"])
-async def get_api_key(key_id: str, principal: Admin, platform: PlatformDep) -> ApiKeyOut:
+async def get_api_key(key_id: str, principal: Admin, request: Request) -> ApiKeyOut:
     """One API key. Role: admin."""
-    return _key(await service.API_KEY_READS.get(platform.db.driver, principal.tenant_id, key_id))
+    driver = platform_of(request).db.driver
+    return _key(await service.API_KEY_READS.get(driver, principal.tenant_id, key_id))
 
 
 @router.delete("/api-keys/{key_id}", status_code=204, tags=["api-keys"])
