@@ -192,7 +192,7 @@ class DriverReads:
             except _PG_GONE as exc:
                 # A dead connection after a restart: every idle one is dead too, so drop them
                 # all and retry once (a read is safe to repeat).
-                pool.expire_connections()
+                await pool.expire_connections()
                 if attempt == 2:
                     raise DatabaseUnavailable(str(exc) or type(exc).__name__) from exc
         raise AssertionError("unreachable")  # pragma: no cover
