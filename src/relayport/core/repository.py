@@ -10,8 +10,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from relayport.core.errors import BadRequest, NotFound
 from relayport.core.fastread import DriverReads, Query
+from relayport.core.paging import MAX_LIMIT
 
-MAX_PAGE = 200
+MAX_PAGE = MAX_LIMIT
 
 
 M = TypeVar("M")

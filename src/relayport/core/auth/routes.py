@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Request, Response
 
 from relayport.core.auth import service
 from relayport.core.auth.models import ApiKey, User
@@ -33,13 +33,11 @@ from relayport.core.deps import (
     platform_of,
 )
 from relayport.core.errors import RateLimited
+from relayport.core.paging import PAGE_OPENAPI, page_params
 from relayport.core.schemas import ListResponse
 from relayport.core.tenants import get_tenant
 
 router = APIRouter(prefix="/v1")
-
-Limit = Annotated[int, Query(ge=1, le=200)]
-After = Annotated[str | None, Query(max_length=64)]
 
 
 def _tokens(tokens: service.Tokens) -> dict[str, object]:
@@ -155,11 +153,12 @@ async def me(principal: Viewer, session: ReadSessionDep) -> dict[str, object]:
     }
 
 
-@router.get("/users", response_model=ListResponse[UserOut], tags=["users"])
-async def list_users(
-    principal: Admin, request: Request, limit: Limit = 50, after: After = None
-) -> ListResponse[UserOut]:
+@router.get(
+    "/users", response_model=ListResponse[UserOut], tags=["users"], openapi_extra=PAGE_OPENAPI
+)
+async def list_users(principal: Admin, request: Request) -> ListResponse[UserOut]:
     """Users of the caller's tenant, newest first. Role: admin."""
+    limit, after = page_params(request)
     page = await service.USER_READS.page(
         platform_of(request).db.driver, principal.tenant_id, limit=limit, after=after
     )
@@ -217,11 +216,15 @@ async def create_api_key(
     return ApiKeyCreated(**_key(key).model_dump(), key=secret)
 
 
-@router.get("/api-keys", response_model=ListResponse[ApiKeyOut], tags=["api-keys"])
-async def list_api_keys(
-    principal: Admin, request: Request, limit: Limit = 50, after: After = None
-) -> ListResponse[ApiKeyOut]:
+@router.get(
+    "/api-keys",
+    response_model=ListResponse[ApiKeyOut],
+    tags=["api-keys"],
+    openapi_extra=PAGE_OPENAPI,
+)
+async def list_api_keys(principal: Admin, request: Request) -> ListResponse[ApiKeyOut]:
     """API keys of the tenant (never their secrets), newest first. Role: admin."""
+    limit, after = page_params(request)
     page = await service.API_KEY_READS.page(
         platform_of(request).db.driver, principal.tenant_id, limit=limit, after=after
     )
