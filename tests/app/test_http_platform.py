@@ -15,7 +15,7 @@ import pytest
 from asgi_lifespan import LifespanManager
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
-from fastapi import Request
+from fastapi import FastAPI, Request
 from redis.exceptions import ConnectionError as RedisConnectionError
 from sqlalchemy.exc import TimeoutError as SATimeoutError
 from starlette.requests import ClientDisconnect
@@ -337,3 +337,32 @@ async def test_a_database_restart_costs_at_most_one_503_then_serves(
         assert 500 not in statuses, statuses
         assert statuses[-1] == 200, statuses
         assert statuses.count(503) <= 1, statuses
+
+
+async def test_a_closed_database_reader_is_a_503_not_a_500(
+    app: FastAPI, client: httpx.AsyncClient
+) -> None:
+    """The driver reads of the hottest GET routes (core.fastread) answer 503 + Retry-After
+    when the database cannot (here: the reader is closed, as during shutdown)."""
+    account = await signup(client)
+    key = {"Authorization": f"Bearer {await api_key(client, account)}"}
+    assert (await client.get("/v1/api-keys", headers=key)).status_code == 200
+    await app.state.platform.db.driver.close()
+    response = await client.get("/v1/api-keys", headers=key)
+    assert response.status_code == 503, response.text
+    assert response.headers["retry-after"] == "1"
+    assert response.headers["content-type"] == "application/problem+json"
+
+
+async def test_list_routes_document_their_paging_parameters(client: httpx.AsyncClient) -> None:
+    spec = (await client.get("/openapi.json")).json()
+    for path in ("/v1/api-keys", "/v1/users"):
+        operation = spec["paths"][path]["get"]
+        params = {p["name"]: p for p in operation["parameters"]}
+        assert set(params) == {"limit", "after"}
+        assert params["limit"]["in"] == "query"
+        assert params["limit"]["schema"]["minimum"] == 1
+        assert params["limit"]["schema"]["maximum"] == 200
+        assert params["limit"]["schema"]["default"] == 50
+        assert {"maxLength": 64, "type": "string"} in params["after"]["schema"]["anyOf"]
+        assert "422" in operation["responses"]

@@ -13,13 +13,20 @@ from typing import Any
 
 import asyncpg
 import pytest
-from sqlalchemy import bindparam, select
+from sqlalchemy import Column, MetaData, Numeric, String, Table, bindparam, select
+from sqlalchemy.dialects import postgresql, sqlite
 
-from relayport.core.auth.models import ApiKey
-from relayport.core.auth.service import API_KEY_READS, ApiKeyRepository
+from relayport.core.auth.models import ApiKey, User
+from relayport.core.auth.service import (
+    API_KEY_READS,
+    USER_READS,
+    ApiKeyRepository,
+    UserRepository,
+)
 from relayport.core.db import Database, utcnow
-from relayport.core.errors import BadRequest, NotFound
-from relayport.core.fastread import DatabaseUnavailable, Query
+from relayport.core.errors import BadRequest, DatabaseUnavailable, NotFound
+from relayport.core.fastread import Query
+from relayport.core.repository import TenantReads
 from relayport.core.tenants import Tenant
 from relayport.delivery.models import Endpoint
 from relayport.settings import Settings
@@ -142,13 +149,11 @@ async def test_json_columns_decode_as_the_orm_does(db: Database) -> None:
 async def test_sqlite_busy_falls_back_to_the_engine_and_waits(db: Database) -> None:
     """A connection holding SQLite's exclusive lock blocks every reader, even in WAL mode:
     the loop-thread read must not wait (timeout 0); the fallback waits on a worker thread.
-    The lock can only be taken while no other connection has the file open, so the pools
-    and the fast connection are closed first (all reopen on demand)."""
+    The lock can only be taken while no other connection has the file open, so the database
+    is closed first and the read goes through a fresh one."""
     await _seed(db, "ten_a", 2)
     await API_KEY_READS.page(db.driver, "ten_a")
-    await db.driver.close()
-    await db.engine.dispose()
-    await db.read_engine.dispose()
+    await db.dispose()
     path = db.engine.url.database
     assert path
     locked = threading.Event()
@@ -170,7 +175,11 @@ async def test_sqlite_busy_falls_back_to_the_engine_and_waits(db: Database) -> N
         assert await asyncio.to_thread(locked.wait, 10)
         asyncio.get_running_loop().call_later(0.3, release.set)
         started = asyncio.get_running_loop().time()
-        page = await API_KEY_READS.page(db.driver, "ten_a")
+        fresh = Database(str(db.engine.url))
+        try:
+            page = await API_KEY_READS.page(fresh.driver, "ten_a")
+        finally:
+            await fresh.dispose()
         waited = asyncio.get_running_loop().time() - started
     finally:
         release.set()
@@ -212,3 +221,67 @@ async def test_an_unreachable_postgres_is_database_unavailable() -> None:
             await API_KEY_READS.page(db.driver, "ten_a")
     finally:
         await db.dispose()
+
+
+def _typed(row: Any, columns: list[str]) -> list[tuple[Any, type]]:
+    return [(getattr(row, c), type(getattr(row, c))) for c in columns]
+
+
+async def test_users_match_the_orm_in_value_and_type(db: Database) -> None:
+    """`==` cannot tell True from 1 or a naive from an aware datetime; types are compared."""
+    await _seed(db, "ten_a", 0)
+    async with db.transaction() as session:
+        for i, active in enumerate((True, False)):
+            session.add(
+                User(
+                    id=f"usr_{i}",
+                    tenant_id="ten_a",
+                    email=f"u{i}@example.com",
+                    password_hash="x",
+                    role="viewer",
+                    is_active=active,
+                    last_login_at=utcnow() if active else None,
+                )
+            )
+    columns = [c.key for c in User.__table__.c if c.key != "password_hash"]
+    fast = await USER_READS.page(db.driver, "ten_a")
+    async with db.reads() as session:
+        orm = await UserRepository(session, "ten_a").page()
+    assert [_typed(r, columns) for r in fast.items] == [_typed(r, columns) for r in orm.items]
+    assert not hasattr(fast.items[0], "password_hash")  # never read
+
+
+@pytest.mark.parametrize("dialect", [sqlite.dialect(), postgresql.asyncpg.dialect()])
+def test_every_prebuilt_read_compiles_for_both_databases(dialect: Any) -> None:
+    assert TenantReads.registry, "no TenantReads registered"
+    for reads in TenantReads.registry:
+        for query in reads.queries():
+            assert query.compiled(dialect).sql.startswith("SELECT")
+
+
+def test_a_column_the_driver_cannot_decode_is_refused_when_compiled() -> None:
+    table = Table(
+        "priced",
+        MetaData(),
+        Column("id", String),
+        Column("tenant_id", String),
+        Column("p", Numeric),
+    )
+    with pytest.raises(TypeError, match="cannot be read on the driver"):
+        TenantReads(table).queries()[0].compiled(postgresql.asyncpg.dialect())
+    TenantReads.registry.pop()  # not one of the application's
+
+
+def test_excluding_an_unknown_column_is_an_error() -> None:
+    with pytest.raises(ValueError, match="no such columns"):
+        TenantReads(ApiKey.__table__, exclude={"key_hsah"})
+
+
+async def test_reads_after_close_are_unavailable_and_open_nothing(db: Database) -> None:
+    await _seed(db, "ten_a", 1)
+    assert len((await API_KEY_READS.page(db.driver, "ten_a")).items) == 1
+    await db.driver.close()
+    with pytest.raises(DatabaseUnavailable):
+        await API_KEY_READS.page(db.driver, "ten_a")
+    assert db.driver._pool is None
+    assert db.driver._sqlite_conns == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 import logging.config
@@ -162,6 +163,46 @@ async def test_metrics_endpoint_serves_prometheus_text() -> None:
     assert "process_cpu_seconds_total" in text or sys.platform != "linux"
 
 
+async def test_a_request_the_client_abandons_counts_as_499() -> None:
+    started = asyncio.Event()
+    app = routed_app()
+
+    @app.get("/slow")
+    async def slow() -> None:
+        started.set()
+        await asyncio.sleep(60)
+
+    app.add_middleware(EdgeMiddleware)
+    before = count("/slow", status="499")
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/slow",
+        "raw_path": b"/slow",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [],
+        "client": ("127.0.0.1", 1),
+        "server": ("test", 80),
+        "scheme": "http",
+        "http_version": "1.1",
+        "asgi": {"version": "3.0"},
+    }
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: dict[str, Any]) -> None:
+        raise AssertionError("nothing is sent for an abandoned request")
+
+    task = asyncio.create_task(app(scope, receive, send))
+    await asyncio.wait_for(started.wait(), 5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert count("/slow", status="499") == before + 1
+
+
 # --- logs -------------------------------------------------------------------------------------
 
 
@@ -181,6 +222,19 @@ def root_logging() -> Iterator[None]:
 
 def json_lines(buffer: io.StringIO) -> list[dict[str, Any]]:
     return [orjson.loads(line) for line in buffer.getvalue().splitlines() if line]
+
+
+async def test_the_debug_request_line_carries_the_request_id(root_logging: None) -> None:
+    buffer = io.StringIO()
+    configure_logging(TelemetrySettings(log_level="DEBUG", log_json=True), stream=buffer)
+    app = routed_app()
+    app.add_middleware(EdgeMiddleware)
+    async with client(app) as c:
+        assert (await c.get("/items/3", headers={"X-Request-ID": "req-dbg"})).status_code == 200
+    line = next(doc for doc in json_lines(buffer) if doc.get("event") == "http.request")
+    assert line["request_id"] == "req-dbg"
+    assert line["route"] == "/items/{item_id}"
+    assert line["status"] == 200
 
 
 async def test_json_log_line_carries_the_request_id(root_logging: None) -> None:

@@ -123,7 +123,7 @@ class Database:
         )
         self.reads = async_sessionmaker(self.read_engine, expire_on_commit=False, autoflush=False)
         # Prebuilt SELECTs on the driver itself, for the hottest GET paths (see fastread).
-        self.driver = DriverReads(self.read_engine, fallback=self.read_engine, pool_size=pool_size)
+        self.driver = DriverReads(self.read_engine, pool_size=pool_size, in_memory=_in_memory(url))
 
     @property
     def dialect(self) -> str:
@@ -145,7 +145,9 @@ class Database:
             await conn.execute(text("SELECT 1"))
 
     async def dispose(self) -> None:
-        await self.driver.close()
-        await self.engine.dispose()
-        if self.read_engine is not self.engine:
-            await self.read_engine.dispose()
+        try:
+            await self.driver.close()
+        finally:
+            await self.engine.dispose()
+            if self.read_engine is not self.engine:
+                await self.read_engine.dispose()

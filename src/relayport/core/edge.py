@@ -27,7 +27,9 @@ from relayport.core.security.middleware import (
     REQUEST_ID_HEADER,
     RESPONSE_HEADERS,
     SecurityHeaders,
+    header_names,
     request_id_for,
+    with_headers,
 )
 from relayport.core.telemetry.metrics import CLIENT_CLOSED, record_request
 
@@ -38,7 +40,7 @@ class EdgeMiddleware:
     """Request id, client address, response headers and metrics for every request.
 
     `security_headers=None` sends no hardening headers (a deployment whose proxy adds its
-    own); `metrics=False` records nothing (tests of other concerns).
+    own).
     """
 
     def __init__(
@@ -47,12 +49,10 @@ class EdgeMiddleware:
         *,
         trusted_proxies: Iterable[str | IPNetwork] = (),
         security_headers: SecurityHeaders | None = _DEFAULT_HEADERS,
-        metrics: bool = True,
     ) -> None:
         self.app = app
         self.trusted_proxies = parse_networks(trusted_proxies)
         self.security = security_headers
-        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -73,14 +73,13 @@ class EdgeMiddleware:
             if message["type"] in ID_MESSAGES:
                 status = message.get("status")
                 # One pass over the response's headers for everything added here.
-                present = {name.lower() for name, _ in message.get("headers", ())}
+                present = header_names(message)
                 extra = [h for h in state.get(RESPONSE_HEADERS, ()) if h[0] not in present]
                 if security is not None:
                     extra += security.missing(scope, present)
                 if REQUEST_ID_HEADER not in present:
                     extra.append(echoed)
-                # A new dict: an inner app may keep a reference to the message it sent.
-                message = {**message, "headers": [*message.get("headers", ()), *extra]}
+                message = with_headers(message, extra)
             await send(message)
 
         token = request_id_var.set(request_id)
@@ -95,6 +94,8 @@ class EdgeMiddleware:
             status = status or 500
             raise
         finally:
-            request_id_var.reset(token)
-            if kind == "http" and self.metrics:
+            # Before the reset: the DEBUG request line carries the request id. (Spans have
+            # ended by now, so it carries no trace id.)
+            if kind == "http":
                 record_request(scope, root_path, status or 500, perf_counter() - started)
+            request_id_var.reset(token)

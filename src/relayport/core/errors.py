@@ -19,8 +19,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
-from relayport.core.fastread import DatabaseUnavailable
-
 log = logging.getLogger("relayport.errors")
 
 PROBLEM_JSON = "application/problem+json"
@@ -46,6 +44,10 @@ _STATUS_SLUGS = {
 
 def problem_type(slug: str) -> str:
     return f"/problems/{slug}"
+
+
+class DatabaseUnavailable(Exception):
+    """The database could not answer (unreachable, restarting, out of connections): a 503."""
 
 
 class Problem(Exception):

@@ -22,6 +22,7 @@ import asyncio
 import collections
 import json
 import sqlite3
+import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -30,26 +31,23 @@ from sqlalchemy import Select
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from relayport.core.errors import DatabaseUnavailable
+
 Processor = Callable[[Any], Any] | None
 
 
-# What a lost or refused connection raises: a terminated backend may also leave the protocol
-# mid-operation (InternalClientError) or report the shutdown itself (AdminShutdownError).
-_PG_GONE = (
+# A connection lost under a read (a restart, a terminated backend; the protocol may also be
+# left mid-operation or report the shutdown itself): worth one retry on a fresh connection.
+_PG_LOST = (
+    asyncpg.ConnectionDoesNotExistError,
     asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
     asyncpg.InternalClientError,
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.TooManyConnectionsError,
     OSError,
-    TimeoutError,
 )
-
-
-class DatabaseUnavailable(Exception):
-    """The database could not answer a read (unreachable, restarting, out of connections)."""
+# The server is there but will not answer now: a 503 at once.
+_PG_REFUSED = (asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError, TimeoutError)
 
 
 class Compiled:
@@ -71,7 +69,7 @@ class Compiled:
         self.result_processors = tuple(
             (i, proc)
             for i, col in enumerate(columns)
-            if (proc := col.type.dialect_impl(dialect).result_processor(dialect, None)) is not None
+            if (proc := _result_processor(col, dialect)) is not None
         )
         self.record: Any = collections.namedtuple("Record", [c.key for c in columns])  # type: ignore[misc]
 
@@ -101,6 +99,20 @@ class Compiled:
         return out
 
 
+def _result_processor(column: Any, dialect: Dialect) -> Processor:
+    # Processors are asked for without the driver's column type (there is no cursor yet);
+    # the types in use (strings, integers, booleans, UTC datetimes, JSON) do not need it, and
+    # one that does (e.g. Numeric on asyncpg) is refused here, when the query is compiled.
+    try:
+        processor: Processor = column.type.dialect_impl(dialect).result_processor(dialect, None)
+    except (TypeError, KeyError) as exc:
+        raise TypeError(
+            f"column {column.key!r} of type {column.type!r} cannot be read on the driver "
+            f"({dialect.name}); read it through the ORM"
+        ) from exc
+    return processor
+
+
 class Query:
     """A SELECT with `bindparam`s, compiled lazily for each dialect it runs on."""
 
@@ -116,89 +128,101 @@ class Query:
 
 
 class DriverReads:
-    """Runs `Query`s on the driver of `engine`'s database; `fallback` is an async engine on
-    the same database for what the fast path cannot serve."""
+    """Runs `Query`s on the driver of `engine`'s database; what the fast path cannot serve
+    (an in-memory SQLite database, a busy file) goes through `engine` itself."""
 
-    def __init__(self, engine: AsyncEngine, *, fallback: AsyncEngine, pool_size: int) -> None:
+    def __init__(self, engine: AsyncEngine, *, pool_size: int, in_memory: bool = False) -> None:
         self.dialect = engine.dialect
         self._engine = engine
-        self._fallback = fallback
         self._pool_size = pool_size
-        self._sqlite: sqlite3.Connection | None = None
+        self._memory = in_memory
+        # One sqlite3 connection per thread: the loop's thread in a server; tests and the CLI
+        # may run loops on other threads, and a sqlite3 connection refuses foreign threads.
+        self._local = threading.local()
+        self._sqlite_conns: list[sqlite3.Connection] = []
         self._pool: Any = None  # asyncpg.Pool, created on first use inside the running loop
         self._pool_lock = asyncio.Lock()
-        self._memory = engine.url.database in (None, "", ":memory:")
+        self._closed = False
 
     async def all(self, query: Query, **params: Any) -> list[Any]:
+        if self._closed:
+            raise DatabaseUnavailable("the database reader is closed (shutting down)")
         compiled = query.compiled(self.dialect)
         args = compiled.args(params)
         if self.dialect.name == "sqlite":
             rows = self._sqlite_rows(compiled.sql, args)
             if rows is None:
-                rows = await self._fallback_rows(compiled.sql, args)
+                rows = await self._engine_rows(compiled.sql, args)
         elif self.dialect.name == "postgresql":
             rows = await self._pg_rows(compiled.sql, args)
         else:  # pragma: no cover - only SQLite and PostgreSQL are supported
-            rows = await self._fallback_rows(compiled.sql, args)
+            rows = await self._engine_rows(compiled.sql, args)
         return compiled.records(rows)
 
     async def first(self, query: Query, **params: Any) -> Any | None:
         rows = await self.all(query, **params)
         return rows[0] if rows else None
 
+    async def _engine_rows(self, sql: str, args: tuple[Any, ...]) -> list[Any]:
+        async with self._engine.connect() as conn:
+            result = await conn.exec_driver_sql(sql, args)
+            return list(result.all())
+
     # SQLite -----------------------------------------------------------------------------------
 
     def _sqlite_rows(self, sql: str, args: tuple[Any, ...]) -> list[Any] | None:
         if self._memory:
             return None  # one in-memory database per connection: only the engine's is the one
-        conn = self._sqlite
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
-            conn = self._sqlite = self._open_sqlite()
+            conn = self._local.conn = self._open_sqlite()
         try:
             return conn.execute(sql, args).fetchall()
         except sqlite3.OperationalError as exc:
-            if "locked" in str(exc) or "busy" in str(exc):
-                return None
+            if exc.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                return None  # the engine's connection waits out its busy timeout off the loop
             raise
 
     def _open_sqlite(self) -> sqlite3.Connection:
         # timeout=0: never wait on the loop's thread; BUSY falls back to the async engine.
-        # check_same_thread=False: the connection is only used on the loop's thread, but test
-        # clients may run that loop on a thread other than the one that created the app.
+        url = self._engine.url
         conn = sqlite3.connect(
-            self._engine.url.database or "",
+            url.database or "",
             timeout=0,
             isolation_level=None,
-            check_same_thread=False,
+            uri=url.query.get("uri") == "true",
         )
         conn.execute("PRAGMA query_only=ON")
+        self._sqlite_conns.append(conn)
         return conn
-
-    async def _fallback_rows(self, sql: str, args: tuple[Any, ...]) -> list[Any]:
-        async with self._fallback.connect() as conn:
-            result = await conn.exec_driver_sql(sql, args)
-            return list(result.all())
 
     # PostgreSQL -------------------------------------------------------------------------------
 
     async def _pg_rows(self, sql: str, args: tuple[Any, ...]) -> list[Any]:
         pool = self._pool or await self._create_pool()
-        for attempt in (1, 2):
-            try:
-                # No acquire timeout: asyncio.timeout() around it cost ~25 µs per read; the
-                # concurrency gate bounds the queue, `command_timeout` bounds each query.
-                async with pool.acquire() as conn:
-                    return list(await conn.fetch(sql, *args))
-            except _PG_GONE as exc:
-                # A dead connection after a restart: every idle one is dead too, so drop them
-                # all and retry once (a read is safe to repeat).
-                await pool.expire_connections()
-                if attempt == 2:
-                    raise DatabaseUnavailable(str(exc) or type(exc).__name__) from exc
-        raise AssertionError("unreachable")  # pragma: no cover
+        try:
+            # No acquire timeout: asyncio.timeout() around it cost ~25 µs per read; the
+            # concurrency gate bounds the queue, `command_timeout` bounds each query.
+            async with pool.acquire() as conn:
+                return list(await conn.fetch(sql, *args))
+        except _PG_LOST:
+            # A connection that died under us (a restart, a terminated backend): the idle ones
+            # are most likely dead too, so renew them all, and try once more (a read is safe
+            # to repeat).
+            await pool.expire_connections()
+        except _PG_REFUSED as exc:
+            # Slow or full: repeating would only add load.
+            raise DatabaseUnavailable(str(exc) or type(exc).__name__) from exc
+        try:
+            async with pool.acquire() as conn:
+                return list(await conn.fetch(sql, *args))
+        except (*_PG_LOST, *_PG_REFUSED) as exc:
+            raise DatabaseUnavailable(str(exc) or type(exc).__name__) from exc
 
     async def _create_pool(self) -> Any:
         async with self._pool_lock:
+            if self._closed:
+                raise DatabaseUnavailable("the database reader is closed (shutting down)")
             if self._pool is None:
                 _, kwargs = self._engine.dialect.create_connect_args(self._engine.url)
                 cache = kwargs.pop("prepared_statement_cache_size", None)
@@ -207,6 +231,8 @@ class DriverReads:
                 for key in ("prepared_statement_name_func", "async_creator_fn"):
                     kwargs.pop(key, None)
                 kwargs.setdefault("command_timeout", 30)
+                # Connecting waits behind this lock: an unreachable host must fail fast.
+                kwargs.setdefault("timeout", 5)
                 try:
                     self._pool = await asyncpg.create_pool(
                         min_size=1,
@@ -219,13 +245,20 @@ class DriverReads:
                     raise DatabaseUnavailable(str(exc) or type(exc).__name__) from exc
         return self._pool
 
-    async def close(self) -> None:
-        if self._sqlite is not None:
-            self._sqlite.close()
-            self._sqlite = None
-        if self._pool is not None:
+    async def close(self, timeout_s: float = 10) -> None:
+        """Close the connections; reads after this raise DatabaseUnavailable."""
+        self._closed = True
+        for conn in self._sqlite_conns:
+            conn.close()
+        self._sqlite_conns.clear()
+        self._local = threading.local()
+        async with self._pool_lock:
             pool, self._pool = self._pool, None
-            await pool.close()
+        if pool is not None:
+            try:
+                await asyncio.wait_for(pool.close(), timeout_s)
+            except TimeoutError:
+                pool.terminate()  # reads still running past the shutdown bound are cut off
 
 
 async def _keep_session(conn: Any) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
-from typing import Any, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 from sqlalchemy import FromClause, Select, bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -67,14 +67,18 @@ class TenantRepository(Generic[M]):
         if after:
             stmt = stmt.where(self._cols().id < after)
         stmt = stmt.order_by(self._cols().id.desc()).limit(limit + 1)
-        rows = list((await self.session.execute(stmt)).scalars())
-        more = len(rows) > limit
-        rows = rows[:limit]
-        return Page(rows, str(getattr(rows[-1], "id")) if more and rows else None)  # noqa: B009
+        return _page(list((await self.session.execute(stmt)).scalars()), limit)
 
     def add(self, row: M) -> M:
         self.session.add(row)
         return row
+
+
+def _page(rows: list[Any], limit: int) -> Page[Any]:
+    """The page from `limit + 1` rows fetched newest first: the extra row says there is more."""
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return Page(rows, str(rows[-1].id) if more and rows else None)
 
 
 def _check_limit(limit: int) -> None:
@@ -90,6 +94,9 @@ class TenantReads:
     objects. The tenant filter is part of every prebuilt statement.
     """
 
+    # Every instance, so a test can compile each one for every dialect.
+    registry: ClassVar[list[TenantReads]] = []
+
     def __init__(
         self,
         table: FromClause,
@@ -98,6 +105,9 @@ class TenantReads:
         not_found_detail: str = "no such resource",
     ) -> None:
         cols = table.c
+        unknown = set(exclude) - set(cols.keys())
+        if unknown:
+            raise ValueError(f"no such columns to exclude: {sorted(unknown)}")
         # Columns no answer shows (password hashes…) are not even read.
         shown = [c for c in cols if c.key not in exclude]
         scoped = select(*shown).where(cols.tenant_id == bindparam("tenant_id"))
@@ -110,6 +120,10 @@ class TenantReads:
         )
         self._one = Query(scoped.where(cols.id == bindparam("id")))
         self.not_found_detail = not_found_detail
+        TenantReads.registry.append(self)
+
+    def queries(self) -> list[Query]:
+        return [self._first, self._after, self._one]
 
     async def page(
         self, reads: DriverReads, tenant_id: str, *, limit: int = 50, after: str | None = None
@@ -119,9 +133,7 @@ class TenantReads:
             rows = await reads.all(self._after, tenant_id=tenant_id, after=after, limit=limit + 1)
         else:
             rows = await reads.all(self._first, tenant_id=tenant_id, limit=limit + 1)
-        more = len(rows) > limit
-        rows = rows[:limit]
-        return Page(rows, str(rows[-1].id) if more and rows else None)
+        return _page(rows, limit)
 
     async def get(self, reads: DriverReads, tenant_id: str, row_id: str) -> Any:
         """The row, or 404 whether it is missing or another tenant's."""

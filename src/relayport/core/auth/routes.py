@@ -7,7 +7,6 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 
 from relayport.core.auth import service
-from relayport.core.auth.models import ApiKey, User
 from relayport.core.auth.schemas import (
     ApiKeyCreate,
     ApiKeyCreated,
@@ -34,7 +33,7 @@ from relayport.core.deps import (
     platform_of,
 )
 from relayport.core.errors import RateLimited
-from relayport.core.paging import PAGE_OPENAPI, page_params
+from relayport.core.paging import page_openapi, page_params
 from relayport.core.schemas import ListResponse
 from relayport.core.tenants import get_tenant
 
@@ -51,11 +50,13 @@ def _tokens(tokens: service.Tokens) -> dict[str, object]:
     }
 
 
-def _user(user: User | Any) -> UserOut:
+def _user(user: Any) -> UserOut:
+    # An ORM row or a driver record (core.fastread): both have the attributes by name.
     return UserOut.model_validate(user, from_attributes=True)
 
 
-def _key(key: ApiKey | Any) -> ApiKeyOut:
+def _key(key: Any) -> ApiKeyOut:
+    # An ORM row or a driver record (core.fastread): both have the attributes by name.
     return ApiKeyOut.model_validate(key, from_attributes=True)
 
 
@@ -156,7 +157,7 @@ async def me(principal: Viewer, session: ReadSessionDep) -> dict[str, object]:
 
 
 @router.get(
-    "/users", response_model=ListResponse[UserOut], tags=["users"], openapi_extra=PAGE_OPENAPI
+    "/users", response_model=ListResponse[UserOut], tags=["users"], openapi_extra=page_openapi()
 )
 async def list_users(request: Request) -> ListResponse[UserOut]:
     """Users of the caller's tenant, newest first. Role: admin."""
@@ -224,7 +225,7 @@ async def create_api_key(
     "/api-keys",
     response_model=ListResponse[ApiKeyOut],
     tags=["api-keys"],
-    openapi_extra=PAGE_OPENAPI,
+    openapi_extra=page_openapi(),
 )
 async def list_api_keys(request: Request) -> ListResponse[ApiKeyOut]:
     """API keys of the tenant (never their secrets), newest first. Role: admin."""

@@ -47,9 +47,11 @@ __all__ = [
     "ProblemCORSMiddleware",
     "SecurityHeaders",
     "cors_kwargs",
+    "header_names",
     "request_id_for",
     "route_path",
     "send_problem",
+    "with_headers",
 ]
 
 RawHeaders = list[tuple[bytes, bytes]]
@@ -71,12 +73,12 @@ def route_path(scope: Scope) -> str:
     return path
 
 
-def _with_headers(message: Message, extra: RawHeaders) -> Message:
+def with_headers(message: Message, extra: RawHeaders) -> Message:
     # A new dict, so a message an inner app keeps a reference to is not changed under it.
     return {**message, "headers": [*message.get("headers", ()), *extra]}
 
 
-def _header_names(message: Message) -> set[bytes]:
+def header_names(message: Message) -> set[bytes]:
     return {name.lower() for name, _ in message.get("headers", ())}
 
 
