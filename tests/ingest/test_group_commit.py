@@ -25,7 +25,7 @@ from relayport.core.outbox import OutboxMessage
 from relayport.core.platform import Platform
 from relayport.ingest import bookkeeping, repository
 from relayport.ingest.batcher import GroupCommit
-from relayport.ingest.inbox import NewEvent, Stored, inbox_writer, write_events
+from relayport.ingest.inbox import NewEvent, Stored, inbox_writer, store_events_pg, write_events
 from relayport.ingest.models import InboxEvent, Job
 from tests.conftest import Account
 from tests.core.test_auth import assert_problem
@@ -159,17 +159,23 @@ async def _count(platform: Platform, model: Any, *where: Any) -> int:
         return int(await session.scalar(select(func.count()).select_from(model).where(*where)) or 0)
 
 
+async def _store(platform: Platform, items: list[NewEvent]) -> list[Stored | Exception]:
+    if platform.db.dialect == "postgresql":
+        return await store_events_pg(platform.db, items)
+    async with platform.db.transaction() as session:
+        return await write_events(session, items)
+
+
 async def test_duplicates_within_one_batch_and_across_batches_make_one_job_each(
     client: httpx.AsyncClient, account: Account, platform: Platform
 ) -> None:
+    # The store the inbox writer uses: one statement on PostgreSQL, a transaction on SQLite.
     source = await create_source(client, account)
-    async with platform.db.transaction() as session:
-        [earlier] = await write_events(session, [_event(source, account, "c")])
+    [earlier] = await _store(platform, [_event(source, account, "c")])
     assert isinstance(earlier, Stored)
     assert earlier.status == "accepted"
     keys = ["a", "b", "a", "c", "a", "c"]
-    async with platform.db.transaction() as session:
-        results = await write_events(session, [_event(source, account, k) for k in keys])
+    results = await _store(platform, [_event(source, account, k) for k in keys])
     assert all(isinstance(r, Stored) for r in results)
     got = [(r.status, r.event_id) for r in results if isinstance(r, Stored)]
     a_id, b_id = got[0][1], got[1][1]
@@ -227,6 +233,7 @@ async def test_a_store_failure_answers_503_and_never_202(
     body = b'{"zen": "keep it logically awesome"}'
     with monkeypatch.context() as patch:
         patch.setattr(repository, "insert_events", down)
+        patch.setattr(repository, "store_events_pg", down)
         refused = await deliver(client, source, body, msg_id="d-1")
     assert_problem(refused, 503, "ingest-unavailable")
     assert refused.headers["retry-after"] == "1"
@@ -235,6 +242,32 @@ async def test_a_store_failure_answers_503_and_never_202(
     retried = await deliver(client, source, body, msg_id="d-1")
     assert retried.status_code == 202, retried.text
     assert await _count(platform, Job) == 1
+
+
+async def test_a_connection_lost_under_the_one_statement_store_is_not_reused(
+    client: httpx.AsyncClient,
+    account: Account,
+    platform: Platform,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    if platform.db.dialect != "postgresql":
+        pytest.skip("the one-statement store is PostgreSQL's")
+    source = await create_source(client, account)
+    real = repository.store_events_pg
+
+    async def lost(connection: Any, *args: Any) -> list[str]:
+        await connection.close()  # as if the server went away: the call below fails
+        return await real(connection, *args)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(repository, "store_events_pg", lost)
+        refused = await deliver(client, source, b'{"n": 0}', msg_id="lost-0")
+    assert_problem(refused, 503, "ingest-unavailable")
+    # The closed connection left the pool: every connection handed out next works.
+    pool_size = platform.db.engine.pool.size()
+    for n in range(pool_size + 2):
+        stored = await deliver(client, source, b'{"n": %d}' % n, msg_id=f"lost-{n}")
+        assert stored.status_code == 202, stored.text
 
 
 # --- job bookkeeping --------------------------------------------------------------------------

@@ -40,6 +40,8 @@ R = TypeVar("R")
 
 # Per item: its result, or the exception its caller should get (the batch still commits).
 WriteBatch = Callable[[AsyncSession, Sequence[T]], Awaitable[Sequence[R | Exception]]]
+# The same, for a writer that makes its batch atomic itself (one statement, say).
+RunBatch = Callable[[Sequence[T]], Awaitable[Sequence[R | Exception]]]
 
 
 def sqlite_write_lock(platform: Platform) -> asyncio.Lock | None:
@@ -65,17 +67,21 @@ class GroupCommit(Generic[T, R]):
     def __init__(
         self,
         db: Database,
-        write: WriteBatch[T, R],
+        write: WriteBatch[T, R] | None,
         *,
+        run: RunBatch[T, R] | None = None,
         name: str,
         max_items: int,
         max_wait_s: float,
         concurrency: int,
         lock: asyncio.Lock | None = None,
     ) -> None:
+        if (write is None) == (run is None):
+            raise ValueError("give either write (in our transaction) or run (atomic itself)")
         self._db = db
         self._lock = lock
         self._write = write
+        self._run_items = run
         self._name = name
         self._max_items = max(1, max_items)
         self._max_wait_s = max(0.0, max_wait_s)
@@ -134,11 +140,17 @@ class GroupCommit(Generic[T, R]):
             self._running -= 1
             self._flush_ready()
 
+    async def _store(self, items: list[T]) -> Sequence[R | Exception]:
+        if self._run_items is not None:
+            return await self._run_items(items)
+        assert self._write is not None
+        async with self._lock or contextlib.nullcontext(), self._db.transaction() as session:
+            return await self._write(session, items)
+
     async def _write_batch(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
         items = [item for item, _ in batch]
         try:
-            async with self._lock or contextlib.nullcontext(), self._db.transaction() as session:
-                results = await self._write(session, items)
+            results = await self._store(items)
         except Exception as exc:
             if len(batch) == 1:
                 _, future = batch[0]
