@@ -18,16 +18,18 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from relayport.core.broker import Message
 from relayport.core.db import Database, utcnow
 from relayport.core.errors import Conflict
 from relayport.core.ids import new_id
 from relayport.core.outbox import OutboxMessage
 from relayport.core.platform import Platform
 from relayport.ingest import bookkeeping, repository
+from relayport.ingest import worker as ingest_worker
 from relayport.ingest.batcher import GroupCommit
 from relayport.ingest.inbox import NewEvent, Stored, inbox_writer, store_events_pg, write_events
 from relayport.ingest.models import InboxEvent, Job
-from tests.conftest import Account
+from tests.conftest import Account, signup
 from tests.core.test_auth import assert_problem
 from tests.ingest.conftest import create_source, deliver, eventually
 
@@ -191,11 +193,14 @@ async def test_duplicates_within_one_batch_and_across_batches_make_one_job_each(
         rows = await session.execute(select(InboxEvent.dedup_key, InboxEvent.duplicate_count))
         counts = {key: count for key, count in rows.all()}
         jobs = (await session.execute(select(Job.id, Job.event_id, Job.max_attempts))).all()
-        messages = set((await session.scalars(select(OutboxMessage.message_id))).all())
+        payloads = (await session.scalars(select(OutboxMessage.payload))).all()
     assert counts == {"a": 2, "b": 0, "c": 2}
     assert sorted(j.event_id for j in jobs) == sorted([a_id, b_id, earlier.event_id])
     assert {j.max_attempts for j in jobs} == {5}
-    assert {j.id for j in jobs} <= messages  # each job announced through the outbox
+    # Each new job announced through the outbox once: one message per batch names its jobs.
+    announced = [job_id for payload in payloads for job_id in payload.decode().split()]
+    assert sorted(announced) == sorted(j.id for j in jobs)
+    assert len(payloads) == 2
 
 
 async def test_a_delivery_for_a_deleted_source_fails_alone_in_its_batch(
@@ -299,3 +304,36 @@ async def test_one_job_claimed_twice_at_once_runs_once(
         return status in ("running", "succeeded")
 
     await eventually(finished_or_running, what="the job to be claimed")
+
+
+# --- one outbox message per batch and tenant --------------------------------------------------
+
+
+async def test_a_batch_announces_its_jobs_in_one_message_per_tenant_and_all_of_them_run(
+    client: httpx.AsyncClient, account: Account, platform: Platform
+) -> None:
+    other = await signup(client)
+    mine = await create_source(client, account)
+    theirs = await create_source(client, other)
+    items = [_event(mine, account, f"m{n}") for n in range(3)]
+    items += [_event(theirs, other, f"t{n}") for n in range(2)]
+    results = await _store(platform, items)
+    assert [r.status for r in results if isinstance(r, Stored)] == ["accepted"] * 5
+    async with platform.db.sessions() as session:
+        rows = (await session.execute(select(OutboxMessage.tenant_id, OutboxMessage.payload))).all()
+        jobs = {j.id: j.tenant_id for j in (await session.scalars(select(Job))).all()}
+    named = {tenant: payload.decode().split() for tenant, payload in rows}
+    assert len(rows) == 2
+    assert sorted(named) == sorted([account.tenant_id, other.tenant_id])
+    for tenant, job_ids in named.items():
+        assert sorted(job_ids) == job_ids
+        assert {jobs[job_id] for job_id in job_ids} == {tenant}
+    assert sorted(j for ids in named.values() for j in ids) == sorted(jobs)
+    # One message runs all the jobs it names; a second delivery of it runs none again.
+    for _, payload in rows:
+        message = Message(body=payload, message_id="m")
+        await ingest_worker.handle_job(platform, message)
+        await ingest_worker.handle_job(platform, message)
+    async with platform.db.sessions() as session:
+        done = (await session.execute(select(Job.status, Job.attempts))).all()
+    assert done == [("succeeded", 1)] * 5

@@ -3,10 +3,12 @@
 Each verified delivery becomes a `NewEvent`; the process's one `inbox_writer` gathers the
 events of concurrent requests and stores them together: multi-row inserts of inbox rows
 (`ON CONFLICT (source_id, dedup_key) DO NOTHING RETURNING id`), then of the new events' jobs and
-outbox rows, then one atomic `duplicate_count` update per event that already existed, all in
-one transaction. On PostgreSQL the inserts are one statement (`store_events_pg`: one round trip,
-atomic on its own) and each `duplicate_count` update its own statement after it. A request
-answers only after what stores its delivery committed.
+of one outbox message per tenant whose body lists that tenant's new job ids (so the relay, the
+broker and the worker handle one message per batch, not one per delivery), then one atomic
+`duplicate_count` update per event that already existed, all in one transaction. On PostgreSQL
+the inserts are one statement (`store_events_pg`: one round trip, atomic on its own) and each
+`duplicate_count` update its own statement after it. A request answers only after what stores
+its delivery committed.
 
 Exactly one job per event still holds:
 - copies of one event inside a batch are grouped first: one row is inserted, with
@@ -175,7 +177,6 @@ async def write_events(
     groups, keys, candidates = _group(items)
     inserted = set(await repository.insert_events(session, candidates))
     jobs: list[dict[str, Any]] = []
-    messages: list[dict[str, Any]] = []
     results: list[Stored | Exception | None] = [None] * len(items)
     existing: list[tuple[str, str]] = []
     for key, row in zip(keys, candidates, strict=True):
@@ -186,24 +187,36 @@ async def write_events(
         job_id = new_id("job")
         created = row["received_at"]
         jobs.append(_job_values(job_id, row, items[indexes[0]].max_attempts, created))
-        messages.append(
-            outbox_values(
-                topic=QUEUE,
-                payload=job_id.encode(),
-                message_id=job_id,
-                tenant_id=row["tenant_id"],
-                now=created,
-            )
-        )
         results[indexes[0]] = Stored("accepted", row["id"])
         for index in indexes[1:]:
             results[index] = Stored("duplicate", row["id"])
     await repository.insert_rows(session, Job, jobs)
-    await repository.insert_rows(session, OutboxMessage, messages)
+    await repository.insert_rows(session, OutboxMessage, _messages(jobs))
     for key in existing:
         original = await repository.count_duplicates(session, *key, len(groups[key]))
         _duplicate_results(results, groups[key], original)
     return _finished(results)
+
+
+def _messages(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One outbox message per tenant naming its new jobs (space-separated ids, sorted), as
+    `repository.store_events_pg` builds them on PostgreSQL."""
+    by_tenant: dict[str, list[dict[str, Any]]] = {}
+    for job in jobs:
+        by_tenant.setdefault(job["tenant_id"], []).append(job)
+    messages = []
+    for tenant_id, own in by_tenant.items():
+        ids = sorted(job["id"] for job in own)
+        messages.append(
+            outbox_values(
+                topic=QUEUE,
+                payload=" ".join(ids).encode(),
+                message_id=ids[0],
+                tenant_id=tenant_id,
+                now=min(job["created_at"] for job in own),
+            )
+        )
+    return messages
 
 
 def _job_values(

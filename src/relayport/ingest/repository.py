@@ -124,8 +124,8 @@ async def insert_rows(
 
 # PostgreSQL: a batch of deliveries in one statement, so one round trip and one implicit
 # transaction (atomic like any single statement). The batch comes as one array per column;
-# the new events' job and outbox rows are inserted for exactly the events the first INSERT
-# inserted (RETURNING), so a key that already existed gets neither. The foreign keys of the
+# the new events' job rows and outbox messages are inserted for exactly the events the first
+# INSERT inserted (RETURNING), so a key that already existed gets neither. The foreign keys of the
 # job rows are checked at the end of the statement, when the events are there.
 _STORE_EVENTS_PG = """
 WITH batch AS (
@@ -151,11 +151,14 @@ WITH batch AS (
            b.received_at, NULL, NULL, b.received_at, b.received_at, NULL
     FROM batch b JOIN inserted USING (id)
 ), messages AS (
+    -- One message per tenant announcing all of its new jobs of the batch (see `inbox`).
     INSERT INTO outbox (id, tenant_id, topic, message_id, payload, headers, created_at,
                         available_at, attempts, last_error, sent_at)
-    SELECT b.outbox_id, b.tenant_id, $16::text, b.job_id, convert_to(b.job_id, 'UTF8'), '{}'::json,
-           b.received_at, b.received_at, 0, NULL, NULL
+    SELECT min(b.outbox_id), b.tenant_id, $16::text, min(b.job_id),
+           convert_to(string_agg(b.job_id, ' ' ORDER BY b.job_id), 'UTF8'), '{}'::json,
+           min(b.received_at), min(b.received_at), 0, NULL, NULL
     FROM batch b JOIN inserted USING (id)
+    GROUP BY b.tenant_id
 )
 SELECT id FROM inserted
 """
@@ -175,9 +178,10 @@ async def store_events_pg(
     outbox_ids: Sequence[str],
     topic: str,
 ) -> list[str]:
-    """Insert inbox rows (ON CONFLICT (source_id, dedup_key) DO NOTHING) and, for each one
-    inserted, its job and outbox row, in one statement on a raw asyncpg `connection` outside
-    any transaction; returns the inserted ids. `rows` must be in key order (lock order)."""
+    """Insert inbox rows (ON CONFLICT (source_id, dedup_key) DO NOTHING), a job for each one
+    inserted and an outbox message per tenant naming those jobs, in one statement on a raw
+    asyncpg `connection` outside any transaction; returns the inserted ids. `rows` must be in
+    key order (lock order)."""
     records = await connection.fetch(
         _STORE_EVENTS_PG,
         [r["id"] for r in rows],
