@@ -24,7 +24,7 @@ from relayport.core.errors import Conflict
 from relayport.core.ids import new_id
 from relayport.core.outbox import OutboxMessage
 from relayport.core.platform import Platform
-from relayport.ingest import bookkeeping, repository
+from relayport.ingest import batcher, bookkeeping, repository
 from relayport.ingest import worker as ingest_worker
 from relayport.ingest.batcher import GroupCommit
 from relayport.ingest.inbox import NewEvent, Stored, inbox_writer, store_events_pg, write_events
@@ -337,3 +337,19 @@ async def test_a_batch_announces_its_jobs_in_one_message_per_tenant_and_all_of_t
     async with platform.db.sessions() as session:
         done = (await session.execute(select(Job.status, Job.attempts))).all()
     assert done == [("succeeded", 1)] * 5
+
+
+# --- GC freeze --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_the_first_writer_freezes_the_started_process_once(
+    platform: Platform, monkeypatch: pytest.MonkeyPatch, enabled: bool
+) -> None:
+    monkeypatch.setattr(batcher, "_gc_frozen", False)
+    monkeypatch.setattr(platform.settings.ingest, "gc_freeze", enabled)
+    frozen = []
+    monkeypatch.setattr(batcher.gc, "freeze", lambda: frozen.append(1))
+    batcher.freeze_startup_objects(platform)
+    batcher.freeze_startup_objects(platform)
+    assert frozen == ([1] if enabled else [])

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -42,6 +43,27 @@ R = TypeVar("R")
 WriteBatch = Callable[[AsyncSession, Sequence[T]], Awaitable[Sequence[R | Exception]]]
 # The same, for a writer that makes its batch atomic itself (one statement, say).
 RunBatch = Callable[[Sequence[T]], Awaitable[Sequence[R | Exception]]]
+
+
+_gc_frozen = False  # per process: the app's objects are frozen once
+
+
+def freeze_startup_objects(platform: Platform) -> None:
+    """Once per process, at the first delivery or job: `gc.freeze()` what exists by then.
+
+    Under load many requests' objects live across a few awaits and are promoted to the oldest
+    generation before they die, so full collections come every ~800 deliveries; each walked the
+    ~190,000 objects of the started app (modules, routes, models) and stopped the loop for
+    65-200 ms (measured in-process, 20,000 deliveries: 24 such pauses), the p99 tail at 1,000
+    requests/s. Frozen, those objects are no longer walked: the same run's full collections
+    took ~2 ms. What is frozen is never collected, which is what the app's own objects want;
+    garbage frozen with them is a one-off, bounded amount.
+    """
+    global _gc_frozen
+    if _gc_frozen or not platform.settings.ingest.gc_freeze:
+        return
+    _gc_frozen = True
+    gc.freeze()
 
 
 def sqlite_write_lock(platform: Platform) -> asyncio.Lock | None:

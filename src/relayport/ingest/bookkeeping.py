@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from relayport.core.db import utcnow
 from relayport.core.platform import Platform
 from relayport.ingest import job_repository as repository
-from relayport.ingest.batcher import GroupCommit, sqlite_write_lock
+from relayport.ingest.batcher import GroupCommit, freeze_startup_objects, sqlite_write_lock
 from relayport.ingest.job_repository import EventToRun
 
 _CLAIMS_KEY = "ingest.job_claims"
@@ -75,6 +75,7 @@ def outcomes(platform: Platform) -> GroupCommit[Outcome, bool]:
 
 
 def _committer(platform: Platform, write: Any, name: str) -> GroupCommit[Any, Any]:
+    freeze_startup_objects(platform)
     settings = platform.settings.ingest
     sqlite = platform.db.dialect == "sqlite"
     return GroupCommit(

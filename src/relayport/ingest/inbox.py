@@ -36,7 +36,7 @@ from relayport.core.ids import new_id
 from relayport.core.outbox import OutboxMessage, outbox_values
 from relayport.core.platform import Platform
 from relayport.ingest import repository
-from relayport.ingest.batcher import GroupCommit, sqlite_write_lock
+from relayport.ingest.batcher import GroupCommit, freeze_startup_objects, sqlite_write_lock
 from relayport.ingest.models import Job
 from relayport.ingest.service import QUEUE
 
@@ -65,6 +65,7 @@ def inbox_writer(platform: Platform) -> GroupCommit[NewEvent, Stored]:
     """The process's group committer for accepted deliveries (made on first use)."""
     writer = platform.extras.get(_WRITER_KEY)
     if writer is None:
+        freeze_startup_objects(platform)
         settings = platform.settings.ingest
         db = platform.db
         pg = db.dialect == "postgresql"
@@ -140,6 +141,12 @@ async def store_events_pg(db: Database, items: Sequence[NewEvent]) -> list[Store
             raise
 
 
+def _outbox_ids(rows: list[dict[str, Any]]) -> list[str]:
+    """Each row's outbox message id: one message per tenant (the statement takes the least)."""
+    ids: dict[str, str] = {}
+    return [ids.get(r["tenant_id"]) or ids.setdefault(r["tenant_id"], new_id("obx")) for r in rows]
+
+
 async def _store_pg(
     raw: Any,
     items: Sequence[NewEvent],
@@ -153,7 +160,7 @@ async def _store_pg(
             candidates,
             [items[groups[key][0]].max_attempts for key in keys],
             [new_id("job") for _ in keys],
-            [new_id("obx") for _ in keys],
+            _outbox_ids(candidates),
             QUEUE,
         )
     )

@@ -72,8 +72,18 @@ def rejections_cutoff() -> dt.datetime:
     return utcnow() - REJECTIONS_MAX_AGE
 
 
+_COUNTERS: dict[tuple[str, str], Any] = {}
+
+
 def _count(source_id: str, result: str) -> None:
-    WEBHOOKS_RECEIVED.labels(source_id, result).inc()
+    # `labels()` takes a lock and validates on every call; the children are kept here (bounded
+    # like the label set itself: sources that exist, times the few results).
+    counter = _COUNTERS.get((source_id, result))
+    if counter is None:
+        if len(_COUNTERS) >= 100_000:
+            _COUNTERS.clear()
+        counter = _COUNTERS[(source_id, result)] = WEBHOOKS_RECEIVED.labels(source_id, result)
+    counter.inc()
 
 
 async def find_and_admit(
@@ -88,8 +98,8 @@ async def find_and_admit(
     first, so that a flood of unknown ids is throttled before it can reach the database.
     """
     cache = source_cache(platform)
-    valid = is_valid(source_id, "src")
-    config = cache.cached(source_id) if valid else None
+    config = cache.cached(source_id)  # only well-formed ids are ever cached
+    valid = config is not None or is_valid(source_id, "src")
     if config is None or not config.enabled:
         if ip_limit is not None:
             await _spend_ip(platform, ip_limit)
