@@ -24,9 +24,10 @@ import contextlib
 import gc
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Generic, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, Generic, TypeVar
 
+import asyncpg  # type: ignore[import-untyped]
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from relayport.core.db import Database
@@ -64,6 +65,24 @@ def freeze_startup_objects(platform: Platform) -> None:
         return
     _gc_frozen = True
     gc.freeze()
+
+
+@contextlib.asynccontextmanager
+async def raw_connection(db: Database) -> AsyncIterator[Any]:
+    """A pooled connection's asyncpg connection, outside any transaction (each statement
+    commits on its own), for the hot paths' one-statement writes on PostgreSQL.
+
+    SQLAlchemy does not see errors raised on the raw connection: one that is lost (or left
+    mid-statement by a cancellation) is invalidated here, so it does not go back to the pool.
+    """
+    async with db.engine.connect() as connection:
+        raw = (await connection.get_raw_connection()).driver_connection
+        try:
+            yield raw
+        except BaseException as exc:
+            if not isinstance(exc, asyncpg.PostgresError):
+                await connection.invalidate()
+            raise
 
 
 def sqlite_write_lock(platform: Platform) -> asyncio.Lock | None:

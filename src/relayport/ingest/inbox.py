@@ -27,7 +27,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import asyncpg  # type: ignore[import-untyped]
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from relayport.core.db import Database
@@ -36,7 +35,12 @@ from relayport.core.ids import new_id
 from relayport.core.outbox import OutboxMessage, outbox_values
 from relayport.core.platform import Platform
 from relayport.ingest import repository
-from relayport.ingest.batcher import GroupCommit, freeze_startup_objects, sqlite_write_lock
+from relayport.ingest.batcher import (
+    GroupCommit,
+    freeze_startup_objects,
+    raw_connection,
+    sqlite_write_lock,
+)
 from relayport.ingest.models import Job
 from relayport.ingest.service import QUEUE
 
@@ -129,16 +133,8 @@ async def store_events_pg(db: Database, items: Sequence[NewEvent]) -> list[Store
     cost the API process more CPU than the rest of the ingest path.
     """
     groups, keys, candidates = _group(items)
-    async with db.engine.connect() as connection:
-        raw = (await connection.get_raw_connection()).driver_connection
-        try:
-            return await _store_pg(raw, items, groups, keys, candidates)
-        except BaseException as exc:
-            # SQLAlchemy does not see errors on the raw connection: one that is lost (or left
-            # mid-statement by a cancellation) must not go back to the pool.
-            if not isinstance(exc, asyncpg.PostgresError):
-                await connection.invalidate()
-            raise
+    async with raw_connection(db) as raw:
+        return await _store_pg(raw, items, groups, keys, candidates)
 
 
 def _outbox_ids(rows: list[dict[str, Any]]) -> list[str]:
