@@ -16,8 +16,8 @@ A route whose own limits need one lookup first (ingest: the source named in the 
 over the IP bucket with `route_spends_ip_limit(prefix)`, so that its request makes one limiter
 call instead of two. For such a request without cached credentials the middleware spends
 nothing and leaves the IP bucket in the scope (`owed_ip_limit`); the route must spend it, in the
-same call as its own limits, before anything costly. Requests under the prefix that no route
-takes (a 404 or 405) then spend no budget; they are answered without I/O.
+same call as its own limits, before anything costly. A request with a declared method under
+the prefix that no route takes (a 404) then spends no budget; it is answered without I/O.
 """
 
 from __future__ import annotations
