@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Query, Request, Response
+from fastapi._body_limit import wrap_app_with_body_limit
 from fastapi.routing import APIRoute
 from pydantic import AwareDatetime
 from starlette.requests import ClientDisconnect
@@ -129,7 +130,8 @@ class IngestRoute(APIRoute):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.app = _serve_ingest
+        # As APIRoute wraps its own handler (a no-op unless the route sets max_body_size).
+        self.app = wrap_app_with_body_limit(_serve_ingest, self.max_body_size)
 
 
 async def ingest(source_id: str, request: Request) -> Response:
