@@ -158,6 +158,11 @@ class IngestSettings(BaseModel):
         le=64,
         description="Transactions of deliveries written at once (PostgreSQL; SQLite uses 1).",
     )
+    gc_freeze: bool = Field(
+        default=True,
+        description="At the first delivery or job in a process, move the objects built so far "
+        "out of the cyclic GC (gc.freeze), so full collections stay short under load.",
+    )
 
 
 def _b64decode(value: str) -> bytes:

@@ -18,16 +18,18 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from relayport.core.broker import Message
 from relayport.core.db import Database, utcnow
 from relayport.core.errors import Conflict
 from relayport.core.ids import new_id
 from relayport.core.outbox import OutboxMessage
 from relayport.core.platform import Platform
-from relayport.ingest import bookkeeping, repository
+from relayport.ingest import batcher, bookkeeping, repository
+from relayport.ingest import worker as ingest_worker
 from relayport.ingest.batcher import GroupCommit
-from relayport.ingest.inbox import NewEvent, Stored, inbox_writer, write_events
+from relayport.ingest.inbox import NewEvent, Stored, inbox_writer, store_events_pg, write_events
 from relayport.ingest.models import InboxEvent, Job
-from tests.conftest import Account
+from tests.conftest import Account, signup
 from tests.core.test_auth import assert_problem
 from tests.ingest.conftest import create_source, deliver, eventually
 
@@ -159,17 +161,23 @@ async def _count(platform: Platform, model: Any, *where: Any) -> int:
         return int(await session.scalar(select(func.count()).select_from(model).where(*where)) or 0)
 
 
+async def _store(platform: Platform, items: list[NewEvent]) -> list[Stored | Exception]:
+    if platform.db.dialect == "postgresql":
+        return await store_events_pg(platform.db, items)
+    async with platform.db.transaction() as session:
+        return await write_events(session, items)
+
+
 async def test_duplicates_within_one_batch_and_across_batches_make_one_job_each(
     client: httpx.AsyncClient, account: Account, platform: Platform
 ) -> None:
+    # The store the inbox writer uses: one statement on PostgreSQL, a transaction on SQLite.
     source = await create_source(client, account)
-    async with platform.db.transaction() as session:
-        [earlier] = await write_events(session, [_event(source, account, "c")])
+    [earlier] = await _store(platform, [_event(source, account, "c")])
     assert isinstance(earlier, Stored)
     assert earlier.status == "accepted"
     keys = ["a", "b", "a", "c", "a", "c"]
-    async with platform.db.transaction() as session:
-        results = await write_events(session, [_event(source, account, k) for k in keys])
+    results = await _store(platform, [_event(source, account, k) for k in keys])
     assert all(isinstance(r, Stored) for r in results)
     got = [(r.status, r.event_id) for r in results if isinstance(r, Stored)]
     a_id, b_id = got[0][1], got[1][1]
@@ -185,11 +193,14 @@ async def test_duplicates_within_one_batch_and_across_batches_make_one_job_each(
         rows = await session.execute(select(InboxEvent.dedup_key, InboxEvent.duplicate_count))
         counts = {key: count for key, count in rows.all()}
         jobs = (await session.execute(select(Job.id, Job.event_id, Job.max_attempts))).all()
-        messages = set((await session.scalars(select(OutboxMessage.message_id))).all())
+        payloads = (await session.scalars(select(OutboxMessage.payload))).all()
     assert counts == {"a": 2, "b": 0, "c": 2}
     assert sorted(j.event_id for j in jobs) == sorted([a_id, b_id, earlier.event_id])
     assert {j.max_attempts for j in jobs} == {5}
-    assert {j.id for j in jobs} <= messages  # each job announced through the outbox
+    # Each new job announced through the outbox once: one message per batch names its jobs.
+    announced = [job_id for payload in payloads for job_id in payload.decode().split()]
+    assert sorted(announced) == sorted(j.id for j in jobs)
+    assert len(payloads) == 2
 
 
 async def test_a_delivery_for_a_deleted_source_fails_alone_in_its_batch(
@@ -227,6 +238,7 @@ async def test_a_store_failure_answers_503_and_never_202(
     body = b'{"zen": "keep it logically awesome"}'
     with monkeypatch.context() as patch:
         patch.setattr(repository, "insert_events", down)
+        patch.setattr(repository, "store_events_pg", down)
         refused = await deliver(client, source, body, msg_id="d-1")
     assert_problem(refused, 503, "ingest-unavailable")
     assert refused.headers["retry-after"] == "1"
@@ -235,6 +247,32 @@ async def test_a_store_failure_answers_503_and_never_202(
     retried = await deliver(client, source, body, msg_id="d-1")
     assert retried.status_code == 202, retried.text
     assert await _count(platform, Job) == 1
+
+
+async def test_a_connection_lost_under_the_one_statement_store_is_not_reused(
+    client: httpx.AsyncClient,
+    account: Account,
+    platform: Platform,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    if platform.db.dialect != "postgresql":
+        pytest.skip("the one-statement store is PostgreSQL's")
+    source = await create_source(client, account)
+    real = repository.store_events_pg
+
+    async def lost(connection: Any, *args: Any) -> list[str]:
+        await connection.close()  # as if the server went away: the call below fails
+        return await real(connection, *args)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(repository, "store_events_pg", lost)
+        refused = await deliver(client, source, b'{"n": 0}', msg_id="lost-0")
+    assert_problem(refused, 503, "ingest-unavailable")
+    # The closed connection left the pool: every connection handed out next works.
+    pool_size = platform.db.engine.pool.size()
+    for n in range(pool_size + 2):
+        stored = await deliver(client, source, b'{"n": %d}' % n, msg_id=f"lost-{n}")
+        assert stored.status_code == 202, stored.text
 
 
 # --- job bookkeeping --------------------------------------------------------------------------
@@ -266,3 +304,52 @@ async def test_one_job_claimed_twice_at_once_runs_once(
         return status in ("running", "succeeded")
 
     await eventually(finished_or_running, what="the job to be claimed")
+
+
+# --- one outbox message per batch and tenant --------------------------------------------------
+
+
+async def test_a_batch_announces_its_jobs_in_one_message_per_tenant_and_all_of_them_run(
+    client: httpx.AsyncClient, account: Account, platform: Platform
+) -> None:
+    other = await signup(client)
+    mine = await create_source(client, account)
+    theirs = await create_source(client, other)
+    items = [_event(mine, account, f"m{n}") for n in range(3)]
+    items += [_event(theirs, other, f"t{n}") for n in range(2)]
+    results = await _store(platform, items)
+    assert [r.status for r in results if isinstance(r, Stored)] == ["accepted"] * 5
+    async with platform.db.sessions() as session:
+        rows = (await session.execute(select(OutboxMessage.tenant_id, OutboxMessage.payload))).all()
+        jobs = {j.id: j.tenant_id for j in (await session.scalars(select(Job))).all()}
+    named = {tenant: payload.decode().split() for tenant, payload in rows}
+    assert len(rows) == 2
+    assert sorted(named) == sorted([account.tenant_id, other.tenant_id])
+    for tenant, job_ids in named.items():
+        assert sorted(job_ids) == job_ids
+        assert {jobs[job_id] for job_id in job_ids} == {tenant}
+    assert sorted(j for ids in named.values() for j in ids) == sorted(jobs)
+    # One message runs all the jobs it names; a second delivery of it runs none again.
+    for _, payload in rows:
+        message = Message(body=payload, message_id="m")
+        await ingest_worker.handle_job(platform, message)
+        await ingest_worker.handle_job(platform, message)
+    async with platform.db.sessions() as session:
+        done = (await session.execute(select(Job.status, Job.attempts))).all()
+    assert done == [("succeeded", 1)] * 5
+
+
+# --- GC freeze --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_the_first_writer_freezes_the_started_process_once(
+    platform: Platform, monkeypatch: pytest.MonkeyPatch, enabled: bool
+) -> None:
+    monkeypatch.setattr(batcher, "_gc_frozen", False)
+    monkeypatch.setattr(platform.settings.ingest, "gc_freeze", enabled)
+    frozen = []
+    monkeypatch.setattr(batcher.gc, "freeze", lambda: frozen.append(1))
+    batcher.freeze_startup_objects(platform)
+    batcher.freeze_startup_objects(platform)
+    assert frozen == ([1] if enabled else [])

@@ -11,6 +11,13 @@ flood of unknown credentials is throttled before it can reach the database, and 
 
 A request that presents valid credentials counts against its principal and tenant even on a
 route that does not need them: the budget belongs to whoever sends the credentials.
+
+A route whose own limits need one lookup first (ingest: the source named in the URL) can take
+over the IP bucket with `route_spends_ip_limit(prefix)`, so that its request makes one limiter
+call instead of two. For such a request without cached credentials the middleware spends
+nothing and leaves the IP bucket in the scope (`owed_ip_limit`); the route must spend it, in the
+same call as its own limits, before anything costly. A request with a declared method under
+the prefix that no route takes (a 404) then spends no budget; it is answered without I/O.
 """
 
 from __future__ import annotations
@@ -24,11 +31,42 @@ from relayport.core.auth.principal import Principal
 from relayport.core.context import principal_id_var, tenant_id_var
 from relayport.core.errors import RateLimited
 from relayport.core.ratelimit import Decision, Limit
-from relayport.core.security.middleware import PROBE_PATHS, RESPONSE_HEADERS, send_problem
+from relayport.core.security.middleware import (
+    PROBE_PATHS,
+    RESPONSE_HEADERS,
+    route_path,
+    send_problem,
+)
 
 if TYPE_CHECKING:
     from relayport.core.platform import Platform
     from relayport.settings import RateLimitSettings
+
+
+# (method, path prefix) pairs whose route spends the IP bucket itself; see the module docstring.
+_ROUTE_SPENT_IP: set[tuple[str, str]] = set()
+_OWED_IP_LIMIT = "owed_ip_limit"
+
+
+def route_spends_ip_limit(prefix: str, *, methods: tuple[str, ...] = ("POST",)) -> None:
+    """Declare that the route under `prefix` spends the client IP's bucket in its own limiter
+    call (through `owed_ip_limit`), before any database read or costly check."""
+    for method in methods:
+        _ROUTE_SPENT_IP.add((method, prefix))
+
+
+def owed_ip_limit(scope: Scope) -> Limit | None:
+    """The IP bucket the middleware left for this request's route to spend, once; None when the
+    middleware spent it (or rate limits are off)."""
+    limit = scope.get("state", {}).pop(_OWED_IP_LIMIT, None)
+    return limit if isinstance(limit, Limit) else None
+
+
+def _route_spends_ip(scope: Scope) -> bool:
+    if not _ROUTE_SPENT_IP:
+        return False
+    method, path = scope["method"], route_path(scope)
+    return any(m == method and path.startswith(p) for m, p in _ROUTE_SPENT_IP)
 
 
 def principal_limits(settings: RateLimitSettings, principal: Principal) -> list[Limit]:
@@ -116,6 +154,10 @@ class RateLimitMiddleware:
                     self._limits.clear()
                 own = self._limits[principal] = principal_limits(settings, principal)
             limits += own
+        elif _route_spends_ip(scope):
+            state[_OWED_IP_LIMIT] = limits[0]
+            await self.app(scope, receive, send)
+            return
         decisions = await platform.limiter.check(limits)
         refused = _refusal(decisions, limits)
         if refused is not None:

@@ -19,10 +19,15 @@ from typing import Any, Literal
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from relayport.core.db import utcnow
+from relayport.core.db import Database, utcnow
 from relayport.core.platform import Platform
 from relayport.ingest import job_repository as repository
-from relayport.ingest.batcher import GroupCommit, sqlite_write_lock
+from relayport.ingest.batcher import (
+    GroupCommit,
+    freeze_startup_objects,
+    raw_connection,
+    sqlite_write_lock,
+)
 from relayport.ingest.job_repository import EventToRun
 
 _CLAIMS_KEY = "ingest.job_claims"
@@ -59,7 +64,10 @@ def claims(platform: Platform) -> GroupCommit[str, Claim | None]:
         async def write(session: AsyncSession, job_ids: Sequence[str]) -> list[Claim | None]:
             return await _claim(session, job_ids, lease_s)
 
-        committer = platform.extras[_CLAIMS_KEY] = _committer(platform, write, "claims")
+        async def run_pg(job_ids: Sequence[str]) -> list[Claim | None]:
+            return await _claim_pg(platform.db, job_ids, lease_s)
+
+        committer = platform.extras[_CLAIMS_KEY] = _committer(platform, write, "claims", run_pg)
     assert isinstance(committer, GroupCommit)
     return committer
 
@@ -69,17 +77,26 @@ def outcomes(platform: Platform) -> GroupCommit[Outcome, bool]:
     False when the attempt no longer held its job (its lease ran out and another took it)."""
     committer = platform.extras.get(_OUTCOMES_KEY)
     if committer is None:
-        committer = platform.extras[_OUTCOMES_KEY] = _committer(platform, _finish, "outcomes")
+
+        async def run_pg(items: Sequence[Outcome]) -> list[bool]:
+            return await _finish_pg(platform.db, items)
+
+        committer = platform.extras[_OUTCOMES_KEY] = _committer(
+            platform, _finish, "outcomes", run_pg
+        )
     assert isinstance(committer, GroupCommit)
     return committer
 
 
-def _committer(platform: Platform, write: Any, name: str) -> GroupCommit[Any, Any]:
+def _committer(platform: Platform, write: Any, name: str, run_pg: Any) -> GroupCommit[Any, Any]:
+    freeze_startup_objects(platform)
     settings = platform.settings.ingest
     sqlite = platform.db.dialect == "sqlite"
+    pg = platform.db.dialect == "postgresql"
     return GroupCommit(
         platform.db,
-        write,
+        None if pg else write,
+        run=run_pg if pg else None,
         name=name,
         max_items=settings.batch_max_rows,
         max_wait_s=settings.batch_max_wait_ms / 1000,
@@ -105,6 +122,43 @@ async def _claim(
             continue
         results.append(Claim(job_id, got[1], got[2], event))
     return results
+
+
+async def _claim_pg(db: Database, job_ids: Sequence[str], lease_s: float) -> list[Claim | None]:
+    # PostgreSQL: the guarded claim and the read of the events are one statement, atomic on
+    # its own (one round trip, no BEGIN/COMMIT), on the pool's raw connection.
+    now = utcnow()
+    lease_until = now + dt.timedelta(seconds=lease_s)
+    async with raw_connection(db) as connection:
+        claimed = await repository.claim_jobs_pg(
+            connection, job_ids, now=now, lease_until=lease_until
+        )
+    results: list[Claim | None] = []
+    for job_id in job_ids:
+        got = claimed.pop(job_id, None)  # the same job twice in one batch: only the first
+        results.append(None if got is None else Claim(job_id, got[0], got[1], got[2]))
+    return results
+
+
+async def _finish_pg(db: Database, items: Sequence[Outcome]) -> list[bool]:
+    # PostgreSQL: the successes in one statement on the raw connection; the (rarer) failures,
+    # each with its own values, in one transaction after it. Each outcome stands on its own,
+    # so they need not share a transaction.
+    done = utcnow()
+    succeeded = [(o.job_id, o.attempt) for o in items if o.status == "succeeded"]
+    recorded: set[str] = set()
+    if succeeded:
+        async with raw_connection(db) as connection:
+            recorded = await repository.finish_succeeded_pg(connection, succeeded, done=done)
+    failed = [o for o in items if o.status != "succeeded"]
+    kept: dict[int, bool] = {}
+    if failed:
+        async with db.transaction() as session:
+            for outcome in failed:
+                kept[id(outcome)] = await repository.finish_job(
+                    session, outcome.job_id, attempt=outcome.attempt, values=outcome.values
+                )
+    return [o.job_id in recorded if o.status == "succeeded" else kept[id(o)] for o in items]
 
 
 async def _finish(session: AsyncSession, items: Sequence[Outcome]) -> list[bool]:

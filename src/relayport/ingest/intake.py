@@ -72,15 +72,40 @@ def rejections_cutoff() -> dt.datetime:
     return utcnow() - REJECTIONS_MAX_AGE
 
 
+_COUNTERS: dict[tuple[str, str], Any] = {}
+
+
 def _count(source_id: str, result: str) -> None:
-    WEBHOOKS_RECEIVED.labels(source_id, result).inc()
+    # `labels()` takes a lock and validates on every call; the children are kept here (bounded
+    # like the label set itself: sources that exist, times the few results).
+    counter = _COUNTERS.get((source_id, result))
+    if counter is None:
+        if len(_COUNTERS) >= 100_000:
+            _COUNTERS.clear()
+        counter = _COUNTERS[(source_id, result)] = WEBHOOKS_RECEIVED.labels(source_id, result)
+    counter.inc()
 
 
-async def find_source(platform: Platform, source_id: str) -> SourceConfig:
-    """The enabled source named in the URL, or 404 (403 when disabled)."""
-    config = None
-    if is_valid(source_id, "src"):
-        config = await source_cache(platform).get(platform, source_id)
+async def find_and_admit(
+    platform: Platform, source_id: str, ip_limit: Limit | None
+) -> tuple[SourceConfig, dict[str, str]]:
+    """The enabled source named in the URL with its limits spent, and the RateLimit headers of
+    the tightest; 404 (403 when disabled) or 429.
+
+    `ip_limit` is the client IP's bucket when this request still owes it (see
+    `core.limits.owed_ip_limit`). For a source in the process's cache (the steady state) it is
+    spent in the same limiter call as the source's own limits; otherwise it is spent alone
+    first, so that a flood of unknown ids is throttled before it can reach the database.
+    """
+    cache = source_cache(platform)
+    config = cache.cached(source_id)  # only well-formed ids are ever cached
+    valid = config is not None or is_valid(source_id, "src")
+    if config is None or not config.enabled:
+        if ip_limit is not None:
+            await _spend_ip(platform, ip_limit)
+            ip_limit = None
+        if valid and config is None:
+            config = await cache.get(platform, source_id)
     if config is None:
         _count(UNKNOWN_SOURCE, "not_found")
         raise NotFound("no such source")
@@ -89,30 +114,63 @@ async def find_source(platform: Platform, source_id: str) -> SourceConfig:
         raise Problem(
             "this source is disabled", status=403, slug="source-disabled", title="Source disabled"
         )
-    return config
+    return config, await admit(platform, config, ip_limit)
 
 
-async def admit(platform: Platform, source: SourceConfig) -> dict[str, str]:
-    """Spend the source's bucket, the tenant's ingest bucket and its daily quota, all or none;
-    returns the RateLimit headers of the tightest."""
+async def _spend_ip(platform: Platform, ip_limit: Limit) -> None:
+    (decision,) = await platform.limiter.check([ip_limit])
+    if not decision.allowed:
+        raise RateLimited("slow down", slug="rate-limited", headers=decision.headers())
+
+
+async def find_source(platform: Platform, source_id: str) -> SourceConfig:
+    """The enabled source named in the URL, or 404 (403 when disabled)."""
+    return (await find_and_admit(platform, source_id, None))[0]
+
+
+def _source_limits(platform: Platform, source: SourceConfig) -> list[Limit]:
+    """The source's bucket, the tenant's ingest bucket and its daily quota (made once per
+    source config: the same few recur on every request)."""
+    memo = source_cache(platform).limits
+    known = memo.get(source.id)
+    if known is not None and known[0] is source:
+        return known[1]
     settings = platform.settings
-    if not settings.ratelimit.enabled:
-        return {}
     plans = settings.ratelimit.plans
     plan = plans.get(source.plan) or plans["free"]
-    decisions = await platform.limiter.check(
-        [
-            Limit.bucket(
-                f"is:{source.id}",
-                rate=settings.ingest.source_requests_per_second,
-                burst=settings.ingest.source_burst,
-            ),
-            # Its own tenant bucket, so a webhook flood cannot lock the tenant out of the API;
-            # the daily quota is the tenant's one quota.
-            Limit.bucket(f"it:{source.tenant_id}", rate=plan.requests_per_second, burst=plan.burst),
-            Limit.daily_quota(f"q:{source.tenant_id}", limit=plan.daily_quota),
-        ]
-    )
+    limits = [
+        Limit.bucket(
+            f"is:{source.id}",
+            rate=settings.ingest.source_requests_per_second,
+            burst=settings.ingest.source_burst,
+        ),
+        # Its own tenant bucket, so a webhook flood cannot lock the tenant out of the API;
+        # the daily quota is the tenant's one quota.
+        Limit.bucket(f"it:{source.tenant_id}", rate=plan.requests_per_second, burst=plan.burst),
+        Limit.daily_quota(f"q:{source.tenant_id}", limit=plan.daily_quota),
+    ]
+    if len(memo) >= 10_000:
+        memo.clear()
+    memo[source.id] = (source, limits)
+    return limits
+
+
+async def admit(
+    platform: Platform, source: SourceConfig, ip_limit: Limit | None = None
+) -> dict[str, str]:
+    """Spend the source's bucket, the tenant's ingest bucket and its daily quota (and the
+    client IP's bucket when given), all or none, in one limiter call; returns the RateLimit
+    headers of the tightest of the source's limits."""
+    if not platform.settings.ratelimit.enabled:
+        return {}
+    limits = _source_limits(platform, source)
+    if ip_limit is not None:
+        limits = [ip_limit, *limits]
+    decisions = await platform.limiter.check(limits)
+    if ip_limit is not None:
+        ip_decision, *decisions = decisions
+        if not ip_decision.allowed:
+            raise RateLimited("slow down", slug="rate-limited", headers=ip_decision.headers())
     for index, decision in enumerate(decisions):
         if not decision.allowed:
             _count(source.id, "rate_limited")

@@ -143,3 +143,56 @@ async def finish_job(
         .execution_options(synchronize_session=False)
     )
     return result.first() is not None
+
+
+# --- PostgreSQL: the same statements on a raw asyncpg connection, each atomic on its own ------
+
+# The claim and the read of the claimed jobs' events in one statement (the UPDATE's guard is
+# `_CLAIM`'s); a claimed job whose event is gone comes back without its row, as from
+# `events_to_run`.
+_CLAIM_PG = """
+WITH claimed AS (
+    UPDATE ingest_jobs
+    SET status = 'running', attempts = attempts + 1, locked_until = $3, next_attempt_at = $3,
+        updated_at = $2
+    WHERE id = ANY($1::text[]) AND status IN ('queued', 'retrying') AND next_attempt_at <= $2
+      AND (locked_until IS NULL OR locked_until < $2) AND attempts < max_attempts
+    RETURNING id, event_id, attempts, max_attempts
+)
+SELECT c.id, c.attempts, c.max_attempts, e.id, e.source_id, e.type, e.subject, e.body,
+       e.headers, e.received_at, s.handler
+FROM claimed c
+JOIN ingest_events e ON e.id = c.event_id
+JOIN ingest_sources s ON s.id = e.source_id
+"""
+
+_SUCCEEDED_PG = """
+UPDATE ingest_jobs AS j
+SET status = 'succeeded', locked_until = NULL, last_error = NULL, updated_at = $3,
+    next_attempt_at = $3, finished_at = $3
+FROM unnest($1::text[], $2::int[]) AS a(id, attempts)
+WHERE j.id = a.id AND j.attempts = a.attempts AND j.status = 'running'
+RETURNING j.id
+"""
+
+
+async def claim_jobs_pg(
+    connection: Any, job_ids: Sequence[str], *, now: dt.datetime, lease_until: dt.datetime
+) -> dict[str, tuple[int, int, EventToRun]]:
+    """`claim_jobs` and `events_to_run` in one statement on a raw asyncpg connection:
+    {job id: (attempt number, max attempts, its event)} for the jobs that were ours to run."""
+    rows = await connection.fetch(_CLAIM_PG, sorted(set(job_ids)), now, lease_until)
+    return {row[0]: (row[1], row[2], EventToRun(*row[3:])) for row in rows}
+
+
+async def finish_succeeded_pg(
+    connection: Any, attempts: Sequence[tuple[str, int]], *, done: dt.datetime
+) -> set[str]:
+    """`finish_succeeded` on a raw asyncpg connection."""
+    if not attempts:
+        return set()
+    ordered = sorted(attempts)
+    rows = await connection.fetch(
+        _SUCCEEDED_PG, [a[0] for a in ordered], [a[1] for a in ordered], done
+    )
+    return {row[0] for row in rows}

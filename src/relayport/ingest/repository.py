@@ -9,6 +9,7 @@ import functools
 from collections.abc import Sequence
 from typing import Any, cast
 
+import orjson
 from sqlalchemy import Select, Table, and_, delete, or_, select, update
 from sqlalchemy import insert as sa_insert
 from sqlalchemy.dialects import postgresql, sqlite
@@ -119,6 +120,96 @@ async def insert_rows(
     stmt = _insert_stmt(table.__table__)
     for chunk in _chunks(rows):
         await connection.execute(stmt, list(chunk))
+
+
+# PostgreSQL: a batch of deliveries in one statement, so one round trip and one implicit
+# transaction (atomic like any single statement). The batch comes as one array per column;
+# the new events' job rows and outbox messages are inserted for exactly the events the first
+# INSERT inserted (RETURNING), so a key that already existed gets neither. The foreign keys of the
+# job rows are checked at the end of the statement, when the events are there.
+_STORE_EVENTS_PG = """
+WITH batch AS (
+    SELECT * FROM unnest(
+        $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bytea[],
+        $8::int[], $9::text[], $10::text[], $11::timestamptz[], $12::int[], $13::text[],
+        $14::int[], $15::text[]
+    ) AS t(id, tenant_id, source_id, dedup_key, type, subject, body, size, sha256, headers,
+           received_at, duplicate_count, job_id, max_attempts, outbox_id)
+), inserted AS (
+    INSERT INTO ingest_events (id, tenant_id, source_id, dedup_key, type, subject, body, size,
+                               sha256, headers, received_at, duplicate_count)
+    SELECT id, tenant_id, source_id, dedup_key, type, subject, body, size, sha256,
+           headers::json, received_at, duplicate_count
+    FROM batch
+    ON CONFLICT (source_id, dedup_key) DO NOTHING
+    RETURNING id
+), jobs AS (
+    INSERT INTO ingest_jobs (id, tenant_id, source_id, event_id, status, attempts, max_attempts,
+                             next_attempt_at, locked_until, last_error, created_at, updated_at,
+                             finished_at)
+    SELECT b.job_id, b.tenant_id, b.source_id, b.id, 'queued', 0, b.max_attempts,
+           b.received_at, NULL, NULL, b.received_at, b.received_at, NULL
+    FROM batch b JOIN inserted USING (id)
+), messages AS (
+    -- One message per tenant announcing all of its new jobs of the batch (see `inbox`).
+    INSERT INTO outbox (id, tenant_id, topic, message_id, payload, headers, created_at,
+                        available_at, attempts, last_error, sent_at)
+    SELECT min(b.outbox_id), b.tenant_id, $16::text, min(b.job_id),
+           convert_to(string_agg(b.job_id, ' ' ORDER BY b.job_id), 'UTF8'), '{}'::json,
+           min(b.received_at), min(b.received_at), 0, NULL, NULL
+    FROM batch b JOIN inserted USING (id)
+    GROUP BY b.tenant_id
+)
+SELECT id FROM inserted
+"""
+
+_COUNT_DUPLICATES_PG = """
+UPDATE ingest_events SET duplicate_count = duplicate_count + $3
+WHERE source_id = $1 AND dedup_key = $2
+RETURNING id
+"""
+
+
+async def store_events_pg(
+    connection: Any,
+    rows: Sequence[dict[str, Any]],
+    max_attempts: Sequence[int],
+    job_ids: Sequence[str],
+    outbox_ids: Sequence[str],
+    topic: str,
+) -> list[str]:
+    """Insert inbox rows (ON CONFLICT (source_id, dedup_key) DO NOTHING), a job for each one
+    inserted and an outbox message per tenant naming those jobs, in one statement on a raw
+    asyncpg `connection` outside any transaction; returns the inserted ids. `rows` must be in
+    key order (lock order)."""
+    records = await connection.fetch(
+        _STORE_EVENTS_PG,
+        [r["id"] for r in rows],
+        [r["tenant_id"] for r in rows],
+        [r["source_id"] for r in rows],
+        [r["dedup_key"] for r in rows],
+        [r["type"] for r in rows],
+        [r["subject"] for r in rows],
+        [r["body"] for r in rows],
+        [r["size"] for r in rows],
+        [r["sha256"] for r in rows],
+        [orjson.dumps(r["headers"]).decode() for r in rows],
+        [r["received_at"] for r in rows],
+        [r["duplicate_count"] for r in rows],
+        job_ids,
+        max_attempts,
+        outbox_ids,
+        topic,
+    )
+    return [record[0] for record in records]
+
+
+async def count_duplicates_pg(
+    connection: Any, source_id: str, dedup_key: str, count: int
+) -> str | None:
+    """`count_duplicates` on a raw asyncpg connection, as its own (atomic) statement."""
+    value = await connection.fetchval(_COUNT_DUPLICATES_PG, source_id, dedup_key, count)
+    return None if value is None else str(value)
 
 
 async def count_duplicates(

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from relayport.core.auth.principal import TTLCache
 from relayport.core.crypto import DecryptionError
 from relayport.core.platform import Platform
+from relayport.core.ratelimit import Limit
 from relayport.ingest import repository, signatures
 from relayport.ingest.secrets import StoredSecret, open_secrets
 
@@ -53,6 +54,14 @@ class SourceCache:
     def __init__(self, ttl_s: float, max_items: int = 10_000) -> None:
         self._cache: TTLCache[str, _Entry] = TTLCache(ttl_s, max_items)
         self._loading: dict[str, asyncio.Future[SourceConfig | None]] = {}
+        # Each source's rate limits, built once per loaded config (a reloaded source is a new
+        # config object, which rebuilds them).
+        self.limits: dict[str, tuple[SourceConfig, list[Limit]]] = {}
+
+    def cached(self, source_id: str) -> SourceConfig | None:
+        """The source if this process holds it (None when unknown, expired or not cached)."""
+        hit = self._cache.get(source_id)
+        return hit.config if hit is not None else None
 
     def forget(self, source_id: str) -> None:
         self._cache.discard(source_id)

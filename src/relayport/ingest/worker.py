@@ -3,6 +3,7 @@ consumer and the scheduler tick."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from relayport.core.broker import Message
@@ -17,11 +18,37 @@ log = logging.getLogger("relayport.ingest")
 __all__ = ["QUEUE", "handle_job", "tick"]
 
 
+# Jobs one worker process runs at once, across messages: what the consumer's prefetch bounded
+# when every message carried one job. Their claims and outcomes share transactions.
+JOB_CONCURRENCY = 32
+# A message names the new jobs of one group commit (at most `batch_max_rows`, <= 1,000).
+MAX_JOBS_PER_MESSAGE = 1000
+_SLOTS_KEY = "ingest.job_slots"
+
+
+def _slots(platform: Platform) -> asyncio.Semaphore:
+    slots = platform.extras.get(_SLOTS_KEY)
+    if slots is None:
+        slots = platform.extras[_SLOTS_KEY] = asyncio.Semaphore(JOB_CONCURRENCY)
+    assert isinstance(slots, asyncio.Semaphore)
+    return slots
+
+
 async def handle_job(platform: Platform, message: Message) -> None:
-    """Consume one `ingest.jobs` message (its body is the job id)."""
-    job_id = message.body.decode("ascii", "replace")
+    """Consume one `ingest.jobs` message: its body is a job id, or several separated by spaces
+    (the jobs of one tenant that one group commit created). They run concurrently; the message
+    is done when all are."""
+    job_ids = message.body.decode("ascii", "replace").split()[:MAX_JOBS_PER_MESSAGE]
+    if len(job_ids) == 1:
+        await _run(platform, job_ids[0])
+        return
+    await asyncio.gather(*(_run(platform, job_id) for job_id in dict.fromkeys(job_ids)))
+
+
+async def _run(platform: Platform, job_id: str) -> None:
     try:
-        await jobs.run_job(platform, job_id)
+        async with _slots(platform):
+            await jobs.run_job(platform, job_id)
     except Exception:
         # The database, not the message, holds the job: acking here loses nothing, since the
         # scheduler sends the job round again once its lease expires. Raising would only park
