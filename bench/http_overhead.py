@@ -254,7 +254,7 @@ async def make_api_key(base: str) -> str:
 @contextlib.asynccontextmanager
 async def postgres_database(admin_url: str) -> AsyncIterator[str]:
     """A fresh, migrated database for this run; dropped WITH (FORCE) at the end."""
-    import asyncpg  # type: ignore[import-untyped]
+    import asyncpg
 
     from relayport.core import migrate
     from relayport.core.db import Database

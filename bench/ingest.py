@@ -568,7 +568,7 @@ def pending_jobs(database_url: str) -> Callable[[], Awaitable[int]]:
     """Counts the jobs the worker has not finished yet (did it keep up with intake?)."""
 
     async def count() -> int:
-        import asyncpg  # type: ignore[import-untyped]
+        import asyncpg
 
         conn = await asyncpg.connect(database_url, timeout=10)
         try:
