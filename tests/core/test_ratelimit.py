@@ -687,6 +687,37 @@ async def test_concurrent_redis_checks_share_one_script_run_with_sequential_answ
     assert [ds[0].remaining for ds in results[2:]] == [2, 1]
 
 
+async def test_checks_made_while_a_script_call_is_out_wait_and_go_together(
+    redis_client: Redis, prefix: str
+) -> None:
+    """While one EVALSHA is in flight, later checks queue and then share the next one, in
+    the order they were made. (The script is wrapped to hold its first run until the other
+    checks have queued and to count runs; the real one still answers.)"""
+    limiter = RedisRateLimiter(redis_client, prefix=prefix)
+    runs: list[int] = []
+    release = asyncio.Event()
+    real = limiter._check_script
+
+    async def held(**kwargs: Any) -> Any:
+        runs.append(int(kwargs["args"][1]))
+        if len(runs) == 1:
+            await release.wait()
+        return await real(**kwargs)
+
+    limiter._check_script = held  # type: ignore[method-assign]
+    bucket = [Limit.bucket("seq", rate=NEVER, burst=10)]
+    first = asyncio.create_task(limiter.check(bucket))
+    await asyncio.sleep(0.01)  # the first call is out, waiting
+    later = [asyncio.create_task(limiter.check(bucket)) for _ in range(5)]
+    for _ in range(3):
+        await asyncio.sleep(0.01)  # several loop turns pass while the first is out
+    assert runs == [1]
+    release.set()
+    results = await asyncio.gather(first, *later)
+    assert runs == [1, 5]
+    assert [ds[0].remaining for ds in results] == [9, 8, 7, 6, 5, 4]
+
+
 async def test_a_redis_failure_reaches_every_batched_caller(
     redis_client: Redis, prefix: str
 ) -> None:

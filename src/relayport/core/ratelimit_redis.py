@@ -253,18 +253,20 @@ class RedisRateLimiter:
         )
 
     async def check(self, limits: Sequence[Limit]) -> list[Decision]:
-        """One script call for every check() made in the same turn of the event loop.
+        """One script call for every check() queued while the previous call was out.
 
         Concurrent requests each need one atomic check; sent one by one they each pay a round
-        trip, a pooled connection and redis-py's per-command cost. Queued until the loop's
-        next turn, they go out as one EVALSHA whose script runs the calls in order, so each
-        gets exactly the answer it would have had alone.
+        trip, a pooled connection and redis-py's per-command cost. Checks made while a script
+        call is in flight wait for it to return (or, when none is, for the loop's next turn)
+        and then go out together as one EVALSHA whose script runs them in order, so each gets
+        exactly the answer it would have had alone. Under load a batch thus gathers what
+        arrived during one round trip, not just one loop turn: fewer, larger calls.
         """
         if not limits:
             return []
         future: asyncio.Future[list[Decision]] = asyncio.get_running_loop().create_future()
         self._queue.append((limits, future))
-        if not self._flush_scheduled:
+        if not self._flush_scheduled and not self._senders:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
         return await future
@@ -275,7 +277,13 @@ class RedisRateLimiter:
         for start in range(0, len(queue), MAX_BATCH):
             task = asyncio.create_task(self._send(queue[start : start + MAX_BATCH]))
             self._senders.add(task)
-            task.add_done_callback(self._senders.discard)
+            task.add_done_callback(self._sent)
+
+    def _sent(self, task: asyncio.Task[None]) -> None:
+        self._senders.discard(task)
+        if not self._senders and self._queue and not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
 
     async def _send(
         self, batch: list[tuple[Sequence[Limit], asyncio.Future[list[Decision]]]]
