@@ -16,8 +16,10 @@ from typing import Any
 import httpx
 import pytest
 import websockets
+from pydantic import ValidationError
 from websockets.exceptions import InvalidStatus
 
+from relayport.settings import Settings
 from tests.configs.conftest import Server, start
 from tests.configs.helpers import client_key, env_path, environment, project, put
 from tests.conftest import Account, signup
@@ -183,3 +185,49 @@ async def test_client_routes_and_websocket_connects_are_rate_limited_per_client_
     ) as ws:
         assert json.loads(await ws.recv())["type"] == "snapshot"
     await http.aclose()
+
+
+def test_several_server_processes_without_redis_are_refused() -> None:
+    # In-process pub/sub would carry a change only to the process that committed it.
+    with pytest.raises(ValidationError, match="RELAYPORT_REDIS_URL"):
+        Settings(
+            _env_file=None,  # type: ignore[call-arg]
+            workers=2,
+            database_url="postgresql+asyncpg://u@127.0.0.1/db",
+            broker_url="amqp://guest:guest@127.0.0.1:5672/",
+        )
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+async def test_a_server_with_several_worker_processes_pushes_to_every_subscriber(
+    servers: list[Server], settings_kwargs: dict[str, Any], tmp_path: Path
+) -> None:
+    # Heartbeats (and the periodic sync that comes with them) are a minute apart: only the
+    # announcement through Redis can bring the change to the other process in time.
+    server = start(
+        settings_kwargs,
+        tmp_path,
+        RELAYPORT_WORKERS="2",
+        RELAYPORT_CONFIGS__HEARTBEAT_INTERVAL_S="60",
+    )
+    servers.append(server)
+    http, account, base, key = await _setup(server)
+    await put(http, account, base, "n", {"value": 1})
+    auth = {"Authorization": f"Bearer {key}"}
+    # Enough connections that the kernel hands some to each process.
+    streams = [
+        await websockets.connect(f"{server.ws}/v1/client/stream?since=1", additional_headers=auth)
+        for _ in range(24)
+    ]
+    try:
+        await put(http, account, base, "n", {"value": 2})
+        for ws in streams:
+            while True:
+                message = json.loads(await asyncio.wait_for(ws.recv(), 5))
+                if message["type"] == "patch":
+                    break
+            assert message["revision"] == 2
+    finally:
+        for ws in streams:
+            await ws.close()
+        await http.aclose()
