@@ -10,9 +10,9 @@ subscriber's transport in its fan-out loop, with no per-subscriber task, corouti
 
 The transport reaches the app through the ASGI scope extension `relayport.wire`, added by the
 uvicorn protocol subclasses below, which `relayport serve` runs with. Only the per-event sends
-of push streams take this path: the handshake, the response headers, the first message and the
-close still go through ASGI and every middleware, so request ids, security headers and metrics
-are unchanged. Without the extension (another ASGI server, an in-process test client) streams
+of push streams take this path: the handshake, the response headers (and the first bytes of an
+SSE body) and the close still go through ASGI and every middleware, so request ids, security
+headers and metrics are unchanged. Without the extension (another ASGI server, an in-process test client) streams
 use the ordinary ASGI path.
 
 A raw frame is valid whatever was negotiated: frames written here are never compressed (RSV1
