@@ -324,16 +324,17 @@ def hub_of(platform: Platform) -> Hub:
 
 
 def announce(platform: Platform, session: AsyncSession, done: Committed) -> None:
-    """After the request's transaction commits: hand the version to this process's channel
-    (no database read, no task hop: the common single-instance case), then publish the
-    environment id so other processes read it."""
+    """After the request's transaction commits: publish the environment id so other
+    processes read the version, then hand it to this process's channel (no database read, no
+    task hop: the common single-instance case).
+
+    The publish goes first: its task sends the PUBLISH before the local fan-out (a callback
+    queued after it) starts, so other processes read and fan out while this one does rather
+    than after its whole fan-out."""
     env_id = done.version.environment_id
 
     def publish() -> None:
         hub = hub_of(platform)
-        channel = hub.channels.get(env_id)
-        if channel is not None and channel.ready.is_set():
-            channel.apply(done.version, done.state)
 
         async def run() -> None:
             try:
@@ -342,5 +343,8 @@ def announce(platform: Platform, session: AsyncSession, done: Committed) -> None
                 log.warning("config announce failed", extra={"event": "configs.announce_failed"})
 
         hub.spawn(run)
+        channel = hub.channels.get(env_id)
+        if channel is not None and channel.ready.is_set():
+            asyncio.get_running_loop().call_soon(channel.apply, done.version, done.state)
 
     after_commit(session, publish)

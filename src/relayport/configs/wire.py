@@ -12,8 +12,8 @@ The transport reaches the app through the ASGI scope extension `relayport.wire`,
 uvicorn protocol subclasses below, which `relayport serve` runs with. Only the per-event sends
 of push streams take this path: the handshake, the response headers (and the first bytes of an
 SSE body) and the close still go through ASGI and every middleware, so request ids, security
-headers and metrics are unchanged. Without the extension (another ASGI server, an in-process test client) streams
-use the ordinary ASGI path.
+headers and metrics are unchanged. Without the extension (another ASGI server, an in-process
+test client) streams use the ordinary ASGI path.
 
 A raw frame is valid whatever was negotiated: frames written here are never compressed (RSV1
 clear), which RFC 7692 allows on a permessage-deflate connection and leaves its compression
