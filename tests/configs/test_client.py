@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from relayport.client import AsyncConfigClient, ChainError, ConfigClient
-from relayport.client.core import apply_message, backoff
+from relayport.client.core import Transport, apply_message, backoff
 from tests.configs.conftest import Server, _env, free_port, start
 from tests.configs.helpers import client_key, env_path, environment, project, put
 from tests.conftest import Account, signup
@@ -74,15 +74,16 @@ async def test_client_applies_verifies_calls_back_acks_and_restarts_from_cache(
     await http.aclose()
 
 
-def _start_without_websocket(settings_kwargs: dict[str, Any], tmp: Path) -> Server:
-    """The app behind uvicorn with WebSocket support off: an upgrade request is answered as a
-    plain GET (as by a proxy that strips upgrades), never with 101."""
+def start_plain_uvicorn(settings_kwargs: dict[str, Any], tmp: Path, ws: str) -> Server:
+    """The app behind stock uvicorn: no `relayport.wire` extension, so streams take the
+    ASGI path. With `ws="none"`, an upgrade request is answered as a plain GET (as by a proxy
+    that strips upgrades), never with 101."""
     port = free_port()
-    log = tmp / f"server-nows-{port}.log"
+    log = tmp / f"server-uvicorn-{port}.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "--factory", "relayport.app:create_app_from_env",
-             "--port", str(port), "--ws", "none", "--loop", "uvloop"],
+             "--port", str(port), "--ws", ws, "--loop", "uvloop"],
             env=_env(settings_kwargs, {}), cwd=tmp, stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip
     server = Server(proc, port, log)
@@ -101,7 +102,7 @@ def _start_without_websocket(settings_kwargs: dict[str, Any], tmp: Path) -> Serv
 async def test_client_falls_back_to_sse_where_websocket_is_unavailable(
     servers: list[Server], settings_kwargs: dict[str, Any], tmp_path: Path
 ) -> None:
-    server = _start_without_websocket(settings_kwargs, tmp_path)
+    server = start_plain_uvicorn(settings_kwargs, tmp_path, "none")
     servers.append(server)
     http, account, base, key = await _setup(server)
     await put(http, account, base, "flag", {"value": False})
@@ -120,6 +121,24 @@ async def test_client_falls_back_to_sse_where_websocket_is_unavailable(
             assert asyncio.get_running_loop().time() < deadline, clients
             await asyncio.sleep(0.05)
         assert (clients[0]["name"], clients[0]["transport"]) == ("pod-sse", "sse")
+    await http.aclose()
+
+
+async def test_streams_work_on_the_plain_asgi_path_too(
+    servers: list[Server], settings_kwargs: dict[str, Any], tmp_path: Path
+) -> None:
+    server = start_plain_uvicorn(settings_kwargs, tmp_path, "websockets-sansio")
+    servers.append(server)
+    http, account, base, key = await _setup(server)
+    await put(http, account, base, "n", {"value": 1})
+    transports: tuple[Transport, ...] = ("websocket", "sse")
+    for transport in transports:
+        async with AsyncConfigClient(server.url, key, transport=transport) as cfg:
+            await cfg.wait_for(1)  # the snapshot of the head
+            revision = cfg.revision
+            await put(http, account, base, "n", {"value": revision + 1})
+            await cfg.wait_for(revision + 1)
+            assert cfg.get("n") == revision + 1
     await http.aclose()
 
 

@@ -53,17 +53,13 @@ def http_chunk(data: bytes) -> bytes:
 class Wire:
     """A direct-write handle on one connection's transport."""
 
-    __slots__ = ("_conn", "framing", "limit")
+    __slots__ = ("_conn", "framing", "limit", "transport")
 
     def __init__(self, conn: Any, framing: Framing) -> None:
         self._conn = conn  # the uvicorn WebSocket protocol or HTTP request/response cycle
+        self.transport: asyncio.Transport = conn.transport  # set before either is created
         self.framing: Framing = framing
         self.limit = 0  # set by the stream: bytes buffered beyond which it counts as slow
-
-    @property
-    def transport(self) -> asyncio.Transport:
-        transport: asyncio.Transport = self._conn.transport
-        return transport
 
     def closed(self) -> bool:
         conn = self._conn
@@ -71,7 +67,7 @@ class Wire:
             gone = conn.close_sent or conn.disconnected
         else:
             gone = conn.disconnected or conn.response_complete
-        return bool(gone) or conn.transport.is_closing()
+        return bool(gone) or self.transport.is_closing()
 
     def usable(self) -> bool:
         """True once raw frames may follow what ASGI wrote (an HTTP body must be chunked)."""
@@ -83,8 +79,7 @@ class Wire:
     def write(self, frame: bytes) -> bool:
         """Write one framed message; False (and nothing written) when the connection is gone
         or more than `limit` bytes already wait in its buffer (a reader that fell behind)."""
-        conn = self._conn
-        transport = conn.transport
+        transport = self.transport
         if transport.get_write_buffer_size() > self.limit or self.closed():
             return False
         transport.write(frame)
