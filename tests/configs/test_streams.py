@@ -231,3 +231,27 @@ async def test_a_server_with_several_worker_processes_pushes_to_every_subscriber
         for ws in streams:
             await ws.close()
         await http.aclose()
+
+
+async def test_an_idle_sse_stream_gets_heartbeats_without_ids(
+    servers: list[Server], settings_kwargs: dict[str, Any], tmp_path: Path
+) -> None:
+    server = start(settings_kwargs, tmp_path)  # heartbeat every second
+    servers.append(server)
+    http, account, base, key = await _setup(server)
+    await put(http, account, base, "a", {"value": 1})
+    headers = {"Authorization": f"Bearer {key}", "Accept": "text/event-stream"}
+    lines: list[str] = []
+    async with (
+        httpx.AsyncClient(timeout=10) as sse,
+        sse.stream("GET", f"{server.url}/v1/client/stream?since=1", headers=headers) as response,
+    ):
+        assert response.headers["content-type"].startswith("text/event-stream")
+        assert response.headers["x-request-id"]  # the headers still pass the middleware
+        async for line in response.aiter_lines():
+            lines.append(line)
+            if line == "event: heartbeat":
+                break
+    assert lines[0] == ": connected"
+    assert not [line for line in lines if line.startswith("id:")]
+    await http.aclose()
