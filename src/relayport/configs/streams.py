@@ -2,7 +2,9 @@
 
 Both attach a subscriber to the hub, send the catch-up (missed deltas or a snapshot) and then,
 when the server provides a wire (`wire.py`, always under `relayport serve`), let the hub write
-every later event straight to the socket; the stream's own task only waits for the end. The
+every later event straight to the socket. An SSE stream's task then only waits for the end; a
+WebSocket is handed over to a small `_Stream` object (acks and the end arrive as protocol
+callbacks) and its task finishes, which halved the memory of an idle subscriber. The
 end is one of: the client went away, it fell behind (more than
 `RELAYPORT_CONFIGS__SUBSCRIBER_BUFFER_BYTES` unread, or a full queue without a wire), its key
 was revoked, or the server is draining. A stream that ends on the server's side tells the
@@ -218,42 +220,83 @@ async def client_websocket(
     except Problem:
         await websocket.close(code=1011)
         return
-    settings = platform.settings.configs
     await websocket.accept()
     hub.watch(websocket.app)
     if principal.secrets and channel.pointers:
         audit_secrets(platform, principal, channel.revision, ip)
     track(platform, principal, name, "websocket", True)
-    reader = asyncio.get_running_loop().create_task(_acks(websocket, platform, principal, name))
+    stream = _Stream(platform, principal, name, hub, channel, subscriber, websocket.app)
+    wire = wire_of(websocket.scope, "ws")
+    if wire is not None and wire.hand_over(stream):
+        # From here the hub writes to the socket and `stream` takes acks and the end: this
+        # task (and its coroutine chain through every middleware) ends, the connection stays.
+        wire.limit = platform.settings.configs.subscriber_buffer_bytes
+        stream.wire = wire
+        subscriber.on_lost = stream.lost
+        subscriber.use_wire(wire, first)
+        return
+    await _serve_over_asgi(websocket, stream, first)
+
+
+class _Stream:
+    """One WebSocket subscriber's state, shared by both ways of serving it."""
+
+    __slots__ = ("app", "channel", "hub", "name", "platform", "principal", "subscriber", "wire")
+
+    def __init__(self, platform: Platform, principal: ClientPrincipal, name: str | None, hub: Hub,
+                 channel: Channel, subscriber: Subscriber, app: Any) -> None:  # fmt: skip
+        self.platform = platform
+        self.principal = principal
+        self.name = name
+        self.hub = hub
+        self.channel = channel
+        self.subscriber = subscriber
+        self.app = app
+        self.wire: Wire | None = None
+
+    @property
+    def close_code(self) -> int:
+        # 1012: the server is restarting; 4000: reconnect (fell behind, or revoked).
+        return 1012 if self.app.state.draining else 4000
+
+    def on_text(self, text: str) -> None:
+        revision = _ack_of(text)
+        if revision is not None and self.name is not None:
+            name = self.name
+            self.hub.spawn(lambda: _record_ack(self.platform, self.principal, name, revision))
+
+    def lost(self) -> None:
+        """The subscriber was dropped (fell behind, revoked, draining): close the socket."""
+        wire = self.wire
+        if wire is None:
+            return
+        wire.close(self.close_code, "reconnect")
+        if self.subscriber.slow:
+            timeout = self.platform.settings.configs.slow_close_timeout_s
+            asyncio.get_running_loop().call_later(timeout, _abort_if_stuck, wire)
+
+    def on_closed(self) -> None:
+        self.subscriber.drop()
+        self.hub.detach(self.channel, self.subscriber)
+        track(self.platform, self.principal, self.name, "websocket", False)
+
+
+async def _serve_over_asgi(websocket: WebSocket, stream: _Stream, first: list[Event]) -> None:
+    """The stream through ASGI sends, for servers without the wire extension."""
+    subscriber = stream.subscriber
+    reader = asyncio.get_running_loop().create_task(_acks(websocket, stream))
     # The client hung up: wake the writer at once rather than at the next heartbeat.
     reader.add_done_callback(lambda _: subscriber.drop())
-    secrets = principal.secrets
-    wire = wire_of(websocket.scope, "ws")
+    secrets = subscriber.secrets
     try:
-        if wire is not None:
-            wire.limit = settings.subscriber_buffer_bytes
-            subscriber.use_wire(wire, first)
-        else:
-            for event in first:
-                await websocket.send_text(event.text(secrets))
+        for event in first:
+            await websocket.send_text(event.text(secrets))
         while not reader.done():
             try:
                 events = await subscriber.next()
             except SubscriptionLost:
-                if reader.done():
-                    return
-                # 1012: the server is restarting; 4000: reconnect (fell behind, or revoked).
-                code = 1012 if websocket.app.state.draining else 4000
-                try:
-                    async with asyncio.timeout(settings.slow_close_timeout_s):
-                        await websocket.close(code=code, reason="reconnect")
-                except TimeoutError:  # the close frame cannot even be queued
-                    if wire is not None:
-                        wire.abort()
-                if wire is not None and subscriber.slow:
-                    asyncio.get_running_loop().call_later(
-                        settings.slow_close_timeout_s, _abort_if_stuck, wire
-                    )
+                if not reader.done():
+                    await websocket.close(code=stream.close_code, reason="reconnect")
                 return
             for event in events:
                 await websocket.send_text(event.text(secrets))
@@ -261,46 +304,55 @@ async def client_websocket(
         pass
     finally:
         reader.cancel()
-        hub.detach(channel, subscriber)
-        track(platform, principal, name, "websocket", False)
+        stream.hub.detach(stream.channel, subscriber)
+        track(stream.platform, stream.principal, stream.name, "websocket", False)
 
 
-async def _acks(
-    websocket: WebSocket, platform: Platform, principal: ClientPrincipal, name: str | None
-) -> None:
-    """Read client messages; acks are recorded when the client named itself, each spending
-    the key's rate limit (over it, acks are skipped: the next one carries a later revision)."""
+def _ack_of(text: str) -> int | None:
+    try:
+        message = orjson.loads(text)
+        revision = int(message["revision"]) if message.get("type") == "ack" else None
+    except (orjson.JSONDecodeError, TypeError, ValueError, KeyError, AttributeError):
+        return None
+    return revision if revision is not None and 1 <= revision < 2**31 else None
+
+
+async def _acks(websocket: WebSocket, stream: _Stream) -> None:
+    """Read client messages; acks are recorded when the client named itself."""
     while True:
         try:
             raw = await websocket.receive_text()
         except (WebSocketDisconnect, RuntimeError, KeyError):
             return
+        revision = _ack_of(raw)
+        if revision is not None and stream.name is not None:
+            await _record_ack(stream.platform, stream.principal, stream.name, revision)
+
+
+async def _record_ack(
+    platform: Platform, principal: ClientPrincipal, name: str, revision: int
+) -> None:
+    """Record one ack, spending the key's rate limit (over it, the ack is skipped: the next
+    one carries a later revision)."""
+    try:
+        await spend(platform, principal)
+    except RateLimited:
+        log.info("ack over the rate limit", extra={"event": "configs.ack_limited"})
+        return
+    for attempt in range(2):  # the first ack may race the connect's insert of the client
         try:
-            message = orjson.loads(raw)
-            revision = int(message["revision"]) if message.get("type") == "ack" else None
-        except (orjson.JSONDecodeError, TypeError, ValueError, KeyError, AttributeError):
-            continue
-        if revision is None or name is None or not 1 <= revision < 2**31:
-            continue
-        try:
-            await spend(platform, principal)
-        except RateLimited:
-            log.info("ack over the rate limit", extra={"event": "configs.ack_limited"})
-            continue
-        for attempt in range(2):  # the first ack may race the connect's insert of the client
-            try:
-                async with platform.db.transaction() as session:
-                    await record_ack(
-                        session,
-                        principal.tenant_id,
-                        principal.environment_id,
-                        principal.id,
-                        name,
-                        revision,
-                    )
-                break
-            except Problem:
-                break
-            except IntegrityError:
-                if attempt:
-                    log.warning("ack not recorded", extra={"event": "configs.ack_failed"})
+            async with platform.db.transaction() as session:
+                await record_ack(
+                    session,
+                    principal.tenant_id,
+                    principal.environment_id,
+                    principal.id,
+                    name,
+                    revision,
+                )
+            return
+        except Problem:
+            return
+        except IntegrityError:
+            if attempt:
+                log.warning("ack not recorded", extra={"event": "configs.ack_failed"})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -93,6 +94,7 @@ class Subscriber:
         "key_id",
         "lost",
         "name",
+        "on_lost",
         "secrets",
         "slow",
         "wire",
@@ -109,6 +111,9 @@ class Subscriber:
         self.slow = False  # lost because it fell behind (not revoked, closed or draining)
         self.active = False  # got an event since the last heartbeat tick
         self.wire: Wire | None = None
+        # Called once (soon, not from inside the fan-out) when it is lost: streams without a
+        # task of their own (a handed-over WebSocket) close on it.
+        self.on_lost: Callable[[], None] | None = None
         self._items: deque[Event] = deque()
         self._waiter: asyncio.Future[None] | None = None
 
@@ -148,11 +153,17 @@ class Subscriber:
         if slow:
             self.slow = True
             SLOW.inc()
-        self._wake()
+        self._end()
 
     def drop(self) -> None:
         self.lost = True
+        self._end()
+
+    def _end(self) -> None:
         self._wake()
+        callback, self.on_lost = self.on_lost, None
+        if callback is not None:
+            asyncio.get_running_loop().call_soon(callback)
 
     def _wake(self) -> None:
         waiter = self._waiter
