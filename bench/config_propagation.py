@@ -3,6 +3,7 @@
     .venv/bin/python -m bench.config_propagation [--sizes 100,1000,10000]
         [--modes ws,sse,ws-redis-2,sse-redis-2,broadcast] [--rounds 5] [--client-procs 4]
         [--pg-url postgresql://postgres@127.0.0.1:5432/postgres] [--redis-url redis://…]
+        [--amqp-url amqp://guest:guest@127.0.0.1:5672]
 
 Modes, each with real `relayport serve` processes on 127.0.0.1 started and stopped here:
 
@@ -10,11 +11,15 @@ Modes, each with real `relayport serve` processes on 127.0.0.1 started and stopp
                    WebSocket or Server-Sent Events;
   ws-redis-2,      two processes on PostgreSQL + Redis (a fresh database, dropped at the end),
   sse-redis-2      subscribers split evenly; the write goes to the first;
+  ws-workers-2,    one `relayport serve --workers 2` on PostgreSQL + Redis (+ a RabbitMQ vhost,
+                   which several processes need, made with rabbitmqctl): the kernel spreads
+  sse-workers-2    the connections over the two processes, each receives a change once;
   broadcast        the raw limit: a bare `websockets` server (uvloop) that calls
                    `websockets.broadcast` with one frame, no storage, no pub/sub.
 
-Subscribers run in --client-procs processes of their own (uvloop, no compression, a few KiB
-each). For Relayport, latency = receive time - the version's `created_at` (stamped inside the
+Subscribers run in --client-procs processes of their own (uvloop; each a bare asyncio protocol
+speaking just the WebSocket upgrade and frames or SSE, no compression, no task per connection).
+For Relayport, latency = receive time - the version's `created_at` (stamped inside the
 committing transaction, read back from `GET …/versions`); for `broadcast`, receive time - the
 server's clock just before the broadcast call. Same machine, same clock. Each round writes one
 key and waits until every subscriber has the new revision (or 20 s). Memory per idle
@@ -53,8 +58,9 @@ from bench.http_overhead import (
     stop_server,
     wait_ready,
 )
+from bench.ingest import rabbit_vhost
 
-MODES = ("ws", "sse", "ws-redis-2", "sse-redis-2", "broadcast")
+MODES = ("ws", "sse", "ws-redis-2", "sse-redis-2", "ws-workers-2", "sse-workers-2", "broadcast")
 ROUND_TIMEOUT_S = 20.0
 CONNECT_TIMEOUT_S = 120.0
 
@@ -62,15 +68,96 @@ CONNECT_TIMEOUT_S = 120.0
 # --- subscriber processes --------------------------------------------------------------------
 
 
+class _LeanClient(asyncio.Protocol):
+    """One subscriber as a bare protocol: no task, no library, a few hundred bytes of state.
+
+    Speaks just enough: the WebSocket upgrade and unmasked server frames, or an HTTP/1.1 SSE
+    response (chunk-size lines pass through the line parser, as they never start with `id:`).
+    Kept this lean so that on two shared cores the clients cost little beside the server.
+    """
+
+    def __init__(self, request: bytes, ws: bool, opened: Any, record: Any) -> None:
+        self.request = request
+        self.ws = ws
+        self.opened = opened
+        self.record = record
+        self.buf = bytearray()
+        self.open = False
+        self.pending: int | None = None  # SSE: the id of the event being read
+        self.handshake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: Any) -> None:
+        transport.write(self.request)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.handshake.done():
+            self.handshake.set_exception(ConnectionError(f"closed before the handshake: {exc}"))
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf
+        buf += data
+        if not self.open:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            status = bytes(buf[: buf.find(b"\r\n")])
+            if (b" 101 " if self.ws else b" 200 ") not in status + b" ":
+                self.handshake.set_exception(ConnectionError(status.decode(errors="replace")))
+                return
+            del buf[: end + 4]
+            self.open = True
+            self.handshake.set_result(None)
+            self.opened()
+        if self.ws:
+            self._frames()
+        else:
+            self._lines()
+
+    def _frames(self) -> None:
+        buf = self.buf
+        while len(buf) >= 2:
+            size, head = buf[1] & 0x7F, 2
+            if size == 126:
+                if len(buf) < 4:
+                    return
+                size, head = int.from_bytes(buf[2:4], "big"), 4
+            elif size == 127:
+                if len(buf) < 10:
+                    return
+                size, head = int.from_bytes(buf[2:10], "big"), 10
+            if len(buf) < head + size:
+                return
+            opcode = buf[0] & 0x0F
+            payload = bytes(buf[head : head + size])
+            del buf[: head + size]
+            if opcode == 1:
+                message = json.loads(payload)
+                if message.get("type") in ("patch", "broadcast"):
+                    self.record(int(message["revision"]))
+
+    def _lines(self) -> None:
+        buf = self.buf
+        start = 0
+        while (end := buf.find(b"\n", start)) >= 0:
+            line = buf[start:end]
+            start = end + 1
+            if line.startswith(b"id: "):
+                self.pending = int(line[4:])
+            elif not line and self.pending is not None:  # end of an event: dispatch it
+                self.record(self.pending)
+                self.pending = None
+        del buf[:start]
+
+
 async def _subscribers(spec: dict[str, Any], pipe: Any) -> None:
     """Open spec["n"] connections, report ready, record (revision, ns) per message until told."""
-    import websockets
-
     seen: dict[int, list[int]] = {}
     target = spec["n"]
     sem = asyncio.Semaphore(200)  # bound concurrent handshakes
     ready = asyncio.Event()
     opened = 0
+    loop = asyncio.get_running_loop()
+    ws = spec["transport"] == "ws"
 
     def record(revision: int) -> None:
         stamps = seen.setdefault(revision, [])
@@ -78,60 +165,47 @@ async def _subscribers(spec: dict[str, Any], pipe: Any) -> None:
         if len(stamps) == target:
             pipe.send(("have", revision))
 
-    async def ws_one(url: str) -> None:
+    def count_open() -> None:
         nonlocal opened
-        headers = {"Authorization": f"Bearer {spec['key']}"} if spec["key"] else {}
-        async with sem:
-            ws = await websockets.connect(url, additional_headers=headers, compression=None,
-                                          max_queue=4, open_timeout=60)  # fmt: skip
         opened += 1
         if opened == target:
             ready.set()
-        async for raw in ws:
-            message = json.loads(raw)
-            if message.get("type") in ("patch", "broadcast"):
-                record(int(message["revision"]))
 
-    async def sse_one(url: str) -> None:
-        nonlocal opened
-        host, _, rest = url.removeprefix("http://").partition("/")
-        hostname, _, port = host.partition(":")
+    def request(url: str) -> bytes:
+        host, _, rest = url.partition("://")[2].partition("/")
+        lines = [f"GET /{rest} HTTP/1.1", f"Host: {host}"]
+        if spec["key"]:
+            lines.append(f"Authorization: Bearer {spec['key']}")
+        if ws:
+            key = base64.b64encode(os.urandom(16)).decode()
+            lines += ["Upgrade: websocket", "Connection: Upgrade", f"Sec-WebSocket-Key: {key}",
+                      "Sec-WebSocket-Version: 13"]  # fmt: skip
+        else:
+            lines.append("Accept: text/event-stream")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+    transports: list[Any] = []
+
+    async def one(url: str) -> None:
+        host, _, port = url.partition("://")[2].partition("/")[0].partition(":")
         async with sem:
-            reader, writer = await asyncio.open_connection(hostname, int(port))
-            writer.write(
-                f"GET /{rest} HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\n"
-                f"Authorization: Bearer {spec['key']}\r\n\r\n".encode()
-            )
-            await writer.drain()
-            while (await reader.readline()).strip():  # status line and headers
-                pass
-        opened += 1
-        if opened == target:
-            ready.set()
-        pending = None  # the id of the event being read; heartbeats have none
-        while line := await reader.readline():
-            if line.startswith(b"id: "):
-                pending = int(line[4:])
-            elif line == b"\n" and pending is not None:  # end of an event: dispatch it
-                record(pending)
-                pending = None
+            client = _LeanClient(request(url), ws, count_open, record)
+            transport, _ = await loop.create_connection(lambda: client, host, int(port))
+            transports.append(transport)
+            await asyncio.wait_for(client.handshake, 60)
 
-    one = sse_one if spec["transport"] == "sse" else ws_one
     tasks = [asyncio.ensure_future(one(spec["urls"][i % len(spec["urls"])])) for i in range(target)]
     done = asyncio.ensure_future(ready.wait())
-    await asyncio.wait(
-        [done, *tasks], return_when=asyncio.FIRST_COMPLETED, timeout=CONNECT_TIMEOUT_S
-    )
+    await asyncio.wait([done, *tasks], timeout=CONNECT_TIMEOUT_S)
     failed = [t for t in tasks if t.done() and t.exception() is not None]
     if failed or not ready.is_set():
         pipe.send(("error", repr(failed[0].exception()) if failed else "connect timeout"))
         return
     pipe.send(("ready", target))
-    loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, pipe.recv)  # "stop"
     pipe.send(("stamps", {str(k): v for k, v in seen.items()}))
-    for task in tasks:
-        task.cancel()
+    for transport in transports:
+        transport.abort()
 
 
 def subscriber_main(spec: dict[str, Any], pipe: Any) -> None:
@@ -190,13 +264,14 @@ def rss_kib(pid: int) -> int:
     return total
 
 
-def start_relayport(env: dict[str, str], log_path: Path) -> Server:
+def start_relayport(env: dict[str, str], log_path: Path, workers: int = 1) -> Server:
     import subprocess
 
     port = _free_port()
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "relayport", "serve", "--port", str(port)],
+            [sys.executable, "-m", "relayport", "serve", "--port", str(port),
+             "--workers", str(workers)],
             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
     return Server(proc, f"http://127.0.0.1:{port}", log_path)
@@ -271,9 +346,10 @@ async def measure(
             await asyncio.sleep(1.0)  # the bare server has no readiness probe
         else:
             assert env is not None
-            count = 2 if mode.endswith("-2") else 1
+            count = 2 if mode.endswith("redis-2") else 1
+            workers = 2 if mode.endswith("workers-2") else 1
             for i in range(count):
-                servers.append(start_relayport(env, tmp / f"{mode}-{n}-{i}.log"))
+                servers.append(start_relayport(env, tmp / f"{mode}-{n}-{i}.log", workers))
             for server in servers:
                 await wait_ready(server, "/readyz")
             admin, env_path, key = await _setup_env(servers[0].base)
@@ -399,6 +475,8 @@ async def main_async(args: Any) -> int:
         common = {
             "RELAYPORT_ENV": "development",
             "RELAYPORT_RATELIMIT": json.dumps(RATELIMIT),
+            "RELAYPORT_CONFIGS__CLIENT_KEY_REQUESTS_PER_SECOND": "1e9",
+            "RELAYPORT_CONFIGS__CLIENT_KEY_BURST": str(10**9),
             "RELAYPORT_TELEMETRY__LOG_LEVEL": "WARNING",
             "RELAYPORT_HTTP__MAX_CONCURRENCY": "100000",
             "RELAYPORT_BROKER_URL": "memory",
@@ -428,6 +506,9 @@ async def main_async(args: Any) -> int:
                             "RELAYPORT_REDIS_URL": args.redis_url,
                             "RELAYPORT_REDIS_KEY_PREFIX": prefix,
                         })  # fmt: skip
+                        if "workers" in mode:  # several processes need a shared broker
+                            vhost = stack.enter_context(rabbit_vhost(args.amqp_url))
+                            env["RELAYPORT_BROKER_URL"] = vhost
                     try:
                         row = await measure(mode, n, args, env, tmp)
                     except BenchError as exc:
@@ -451,6 +532,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-minutes", type=float, default=15.0)
     parser.add_argument("--pg-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--amqp-url", default="amqp://guest:guest@127.0.0.1:5672")
     args = parser.parse_args(argv)
     os.environ.setdefault("PYTHONPATH", str(ROOT))
     return asyncio.run(main_async(args))

@@ -98,7 +98,10 @@ def serve(
         proxy_headers=False,  # client IPs come from our own trusted-proxy rule
         server_header=False,
         loop="uvloop",
-        http="httptools",
+        # uvicorn's httptools and sans-I/O WebSocket protocols, plus an ASGI scope extension
+        # that lets live-configuration streams write pre-framed events to their sockets.
+        http="relayport.configs.wire:WireHttpProtocol",
+        ws="relayport.configs.wire:WireWebSocketProtocol",
     )
 
 

@@ -247,6 +247,19 @@ class ConfigsSettings(BaseModel):
     long_poll_max_wait_s: float = Field(default=30.0, gt=0, le=300)
     # Events queued per subscriber before it counts as slow and is disconnected to resync.
     subscriber_queue: int = Field(default=256, ge=1, le=100_000)
+    # Bytes waiting in a streaming subscriber's socket buffer beyond which it counts as slow
+    # (events are written to the socket directly; see configs/wire.py).
+    subscriber_buffer_bytes: int = Field(default=1_048_576, ge=4096, le=1 << 30)
+    # A stream closed for falling behind gets this long to take its close frame before the
+    # connection is aborted (a stalled reader must not hold memory).
+    slow_close_timeout_s: float = Field(default=5.0, gt=0, le=300)
+    # A client marked connected whose instance has not confirmed it for this many heartbeat
+    # intervals counts as gone (its instance crashed or lost the database).
+    connected_expiry_beats: int = Field(default=3, ge=2, le=100)
+    # Token bucket per client key over the client routes (config reads, long-polls, stream
+    # connects, acks); WebSocket connects also spend the per-IP bucket of `ratelimit`.
+    client_key_requests_per_second: float = Field(default=200, gt=0)
+    client_key_burst: int = Field(default=2_000, gt=0)
     max_value_bytes: int = Field(default=262_144, ge=1024, le=16_777_216)
     # From this many subscribers in a process, freeze long-lived objects out of the cyclic GC
     # at each doubling (0: never). See configs/push.py Hub._gc_freeze.
@@ -360,6 +373,12 @@ class Settings(BaseSettings):
             raise ValueError(
                 "several server processes need RELAYPORT_BROKER_URL (RabbitMQ) and "
                 "RELAYPORT_DATABASE_URL (PostgreSQL): the in-process broker is per process"
+            )
+        if self.workers > 1 and self.redis_url is None:
+            raise ValueError(
+                "several server processes need RELAYPORT_REDIS_URL: the in-process pub/sub, "
+                "rate limits and caches are per process (live configuration changes would "
+                "reach only the process that committed them)"
             )
         return self
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +14,8 @@ import httpx
 import pytest
 
 from relayport.client import AsyncConfigClient, ChainError, ConfigClient
-from relayport.client.core import apply_message, backoff
-from tests.configs.conftest import Server, start
+from relayport.client.core import Transport, apply_message, backoff
+from tests.configs.conftest import Server, _env, free_port, start
 from tests.configs.helpers import client_key, env_path, environment, project, put
 from tests.conftest import Account, signup
 
@@ -68,6 +71,93 @@ async def test_client_applies_verifies_calls_back_acks_and_restarts_from_cache(
     doc["config"]["flag"] = False
     cache.write_text(json.dumps(doc))
     assert AsyncConfigClient("http://127.0.0.1:9", key, cache_path=cache).revision == 0
+    await http.aclose()
+
+
+def start_plain_uvicorn(settings_kwargs: dict[str, Any], tmp: Path, ws: str) -> Server:
+    """The app behind stock uvicorn: no `relayport.wire` extension, so streams take the
+    ASGI path. With `ws="none"`, an upgrade request is answered as a plain GET (as by a proxy
+    that strips upgrades), never with 101."""
+    port = free_port()
+    log = tmp / f"server-uvicorn-{port}.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--factory", "relayport.app:create_app_from_env",
+             "--port", str(port), "--ws", ws, "--loop", "uvloop"],
+            env=_env(settings_kwargs, {}), cwd=tmp, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    server = Server(proc, port, log)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{server.url}/readyz", timeout=1).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail(f"server never became ready:\n{server.output()}")
+
+
+async def test_client_falls_back_to_sse_where_websocket_is_unavailable(
+    servers: list[Server], settings_kwargs: dict[str, Any], tmp_path: Path
+) -> None:
+    server = start_plain_uvicorn(settings_kwargs, tmp_path, "none")
+    servers.append(server)
+    http, account, base, key = await _setup(server)
+    await put(http, account, base, "flag", {"value": False})
+    async with AsyncConfigClient(server.url, key, name="pod-sse", backoff_base_s=0.05) as cfg:
+        await cfg.wait_for(1)
+        assert cfg.transport == "sse"
+        await put(http, account, base, "flag", {"value": True})
+        await cfg.wait_for(2)
+        assert cfg.get("flag") is True
+        # Acks travel over HTTP and the server lists the client under SSE.
+        deadline = asyncio.get_running_loop().time() + 10
+        while True:
+            clients = (await http.get(f"{base}/clients", headers=account.headers)).json()["data"]
+            if clients and clients[0]["revision"] == 2:
+                break
+            assert asyncio.get_running_loop().time() < deadline, clients
+            await asyncio.sleep(0.05)
+        assert (clients[0]["name"], clients[0]["transport"]) == ("pod-sse", "sse")
+    await http.aclose()
+
+
+async def test_streams_work_on_the_plain_asgi_path_too(
+    servers: list[Server], settings_kwargs: dict[str, Any], tmp_path: Path
+) -> None:
+    server = start_plain_uvicorn(settings_kwargs, tmp_path, "websockets-sansio")
+    servers.append(server)
+    http, account, base, key = await _setup(server)
+    await put(http, account, base, "n", {"value": 1})
+    transports: tuple[Transport, ...] = ("websocket", "sse")
+    for transport in transports:
+        async with AsyncConfigClient(server.url, key, transport=transport) as cfg:
+            await cfg.wait_for(1)  # the snapshot of the head
+            revision = cfg.revision
+            await put(http, account, base, "n", {"value": revision + 1})
+            await cfg.wait_for(revision + 1)
+            assert cfg.get("n") == revision + 1
+    await http.aclose()
+
+
+async def test_client_on_sse_resumes_from_its_revision(
+    servers: list[Server], settings_kwargs: dict[str, Any], tmp_path: Path
+) -> None:
+    server = start(settings_kwargs, tmp_path)
+    servers.append(server)
+    http, account, base, key = await _setup(server)
+    await put(http, account, base, "n", {"value": 0})
+    async with AsyncConfigClient(server.url, key, transport="sse", backoff_base_s=0.05) as cfg:
+        await cfg.wait_for(1)
+        await cfg.close()  # stopped: the writes below happen while it is away
+        for n in range(1, 4):
+            await put(http, account, base, "n", {"value": n})
+        await cfg.start()
+        await cfg.wait_for(4)
+        assert cfg.get("n") == 3
+        assert cfg.transport == "sse"
     await http.aclose()
 
 

@@ -7,7 +7,8 @@
     cfg = ConfigClient(url, key, name="pod-1")   # the same, driven by a background thread
     cfg.start(); cfg.get("feature"); cfg.close()
 
-It keeps a WebSocket to `/v1/client/stream`, resumes from its last revision, checks every
+It keeps a WebSocket to `/v1/client/stream` (Server-Sent Events where WebSocket does not get
+through, or with `transport="sse"`), resumes from its last revision, checks every
 version's hash and its link to the previous one, writes a cache file (so it starts offline with
 the last known configuration), calls the change callbacks and acknowledges each revision after
 applying it. Lost connections are retried with exponential backoff and full jitter.

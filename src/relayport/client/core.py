@@ -13,15 +13,25 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
+import httpx
 import websockets
+from websockets.exceptions import InvalidHandshake, InvalidMessage, InvalidStatus
 
 from relayport.configs import documents as docs
 
 log = logging.getLogger("relayport.client")
 Callback = Callable[[dict[str, Any], dict[str, Any], int], Any]
+Transport = Literal["auto", "websocket", "sse"]
+# Refusals that say "no WebSocket here" (a proxy without upgrades, a server without WebSocket
+# support), as opposed to "not you" (401/403) or "not now" (429, 5xx): fall back to SSE.
+_NO_WEBSOCKET = {200, 204, 304, 400, 404, 405, 426, 501}
+
+
+class _Resync(Exception):
+    """The server ended the stream and asks for a reconnect (SSE `resync`)."""
 
 
 class ChainError(Exception):
@@ -84,8 +94,14 @@ class AsyncConfigClient:
         cache_path: str | os.PathLike[str] | None = None,
         backoff_base_s: float = 0.2,
         backoff_max_s: float = 30.0,
+        transport: Transport = "auto",
     ) -> None:
+        """`transport`: "websocket", "sse", or "auto" (WebSocket, and Server-Sent Events from
+        the first handshake that shows WebSocket is unavailable on the way to the server)."""
+        if transport not in ("auto", "websocket", "sse"):
+            raise ValueError(f"unknown transport {transport!r}")
         self.url = url.rstrip("/")
+        self.transport: Transport = transport
         self._key = key
         self.name = name
         self.cache_path = Path(cache_path) if cache_path else None
@@ -144,34 +160,30 @@ class AsyncConfigClient:
 
     # --- the connection -----------------------------------------------------------------
 
-    def _stream_url(self) -> str:
+    def _stream_url(self, websocket: bool = True) -> str:
         parts = urlsplit(self.url)
-        scheme = "wss" if parts.scheme == "https" else "ws"
+        scheme = parts.scheme
+        if websocket:
+            scheme = "wss" if parts.scheme == "https" else "ws"
         query: dict[str, str | int] = {"since": self.snapshot.revision}
         if self.name:
             query["client"] = self.name
         return urlunsplit((scheme, parts.netloc, parts.path + "/v1/client/stream",
                            urlencode(query), ""))  # fmt: skip
 
+    @property
+    def _auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self._key}"}
+
     async def _run(self) -> None:
         attempt = 0
         while True:
             try:
-                async with websockets.connect(
-                    self._stream_url(),
-                    additional_headers={"Authorization": f"Bearer {self._key}"},
-                    open_timeout=10,
-                    max_size=16 * 2**20,
-                ) as ws:
-                    self.connected.set()
-                    attempt = 0
-                    async for raw in ws:
-                        message = json.loads(raw)
-                        if message.get("type") in ("snapshot", "patch"):
-                            await self._apply(message)
-                            await ws.send(
-                                json.dumps({"type": "ack", "revision": self.snapshot.revision})
-                            )
+                if self.transport == "sse":
+                    await self._sse()
+                else:
+                    await self._websocket()
+                attempt = 0  # the server ended a working stream: reconnect at once-ish
             except asyncio.CancelledError:
                 raise
             except ChainError as exc:
@@ -179,12 +191,81 @@ class AsyncConfigClient:
                 log.warning("config chain broken, resyncing: %s", exc)
                 self.snapshot = Snapshot()
                 self._applied = 0
-            except (OSError, websockets.WebSocketException, ValueError, KeyError) as exc:
+            except InvalidStatus as exc:
+                status = exc.response.status_code
+                if self.transport == "auto" and status in _NO_WEBSOCKET:
+                    log.info("WebSocket refused (%s): using Server-Sent Events", status)
+                    self.transport = "sse"
+                    continue
+                log.info("config stream refused: %s", status)
+            except (InvalidHandshake, InvalidMessage) as exc:
+                if self.transport == "auto":
+                    log.info("WebSocket unavailable (%s): using Server-Sent Events",
+                             type(exc).__name__)  # fmt: skip
+                    self.transport = "sse"
+                    continue
+                log.info("config stream lost: %s", type(exc).__name__)
+            except (OSError, websockets.WebSocketException, httpx.HTTPError, _Resync,
+                    ValueError, KeyError) as exc:  # fmt: skip
                 log.info("config stream lost: %s", type(exc).__name__)
             self.connected.clear()
             self.reconnects += 1
             await asyncio.sleep(backoff(attempt, self.backoff_base_s, self.backoff_max_s))
             attempt += 1
+
+    async def _websocket(self) -> None:
+        async with websockets.connect(
+            self._stream_url(),
+            additional_headers=self._auth,
+            open_timeout=10,
+            max_size=16 * 2**20,
+        ) as ws:
+            self.connected.set()
+            async for raw in ws:
+                message = json.loads(raw)
+                if message.get("type") in ("snapshot", "patch"):
+                    await self._apply(message)
+                    await ws.send(json.dumps({"type": "ack", "revision": self.snapshot.revision}))
+
+    async def _sse(self) -> None:
+        """The same stream as Server-Sent Events; acks go to `POST /v1/client/acks`."""
+        timeout = httpx.Timeout(10, read=None)  # heartbeats keep it alive; reads never time out
+        async with (
+            httpx.AsyncClient(timeout=timeout, headers=self._auth) as http,
+            http.stream(
+                "GET", self._stream_url(websocket=False), headers={"Accept": "text/event-stream"}
+            ) as response,
+        ):
+            if response.status_code != 200:
+                await response.aread()
+                raise httpx.HTTPStatusError(
+                    f"stream answered {response.status_code}",
+                    request=response.request,
+                    response=response,
+                )
+            self.connected.set()
+            kind, data = "message", ""
+            async for line in response.aiter_lines():
+                if line.startswith("event:"):
+                    kind = line[6:].strip()
+                elif line.startswith("data:"):
+                    data += line[5:].strip()
+                elif not line:  # the end of one event
+                    if kind == "resync":
+                        raise _Resync("the server asked for a reconnect")
+                    if kind in ("snapshot", "patch") and data:
+                        await self._apply(json.loads(data))
+                        await self._ack_over_http(http)
+                    kind, data = "message", ""
+
+    async def _ack_over_http(self, http: httpx.AsyncClient) -> None:
+        if self.name is None:
+            return
+        body = {"client": self.name, "revision": self.snapshot.revision}
+        try:
+            await http.post(self.url + "/v1/client/acks", json=body)
+        except httpx.HTTPError:  # an ack is advisory: the next one carries a later revision
+            log.info("config ack not delivered")
 
     async def _apply(self, message: dict[str, Any]) -> None:
         old = self.snapshot

@@ -15,8 +15,9 @@ from relayport.configs.models import ClientKey
 from relayport.configs.service import CLIENT_KEY_PREFIX
 from relayport.core.auth.principal import TTLCache
 from relayport.core.auth.tokens import sha256_hex
-from relayport.core.errors import Unauthorized
+from relayport.core.errors import RateLimited, Unauthorized
 from relayport.core.platform import Platform
+from relayport.core.ratelimit import Limit
 
 CACHE = "configs.client_keys"
 
@@ -71,3 +72,36 @@ async def authenticate(platform: Platform, authorization: str | None) -> ClientP
     if principal is None or not hmac.compare_digest(principal.key_hash, digest):
         raise Unauthorized("invalid client key", slug="invalid-client-key")
     return principal
+
+
+async def spend(
+    platform: Platform, principal: ClientPrincipal, *, ip: str | None = None, cost: int = 1
+) -> None:
+    """Spend the client key's bucket (and, given `ip`, the per-IP bucket: WebSocket connects
+    pass no HTTP middleware); raise `RateLimited` with Retry-After when one refuses.
+
+    Client keys are shared by whole fleets, so their bucket is wide; it bounds what a leaked
+    or runaway key can make the database do, not what one well-behaved client does.
+    """
+    ratelimit = platform.settings.ratelimit
+    if not ratelimit.enabled:
+        return
+    settings = platform.settings.configs
+    limits = [
+        Limit.bucket(
+            f"ck:{principal.id}",
+            rate=settings.client_key_requests_per_second,
+            burst=settings.client_key_burst,
+            cost=cost,
+        )
+    ]
+    if ip is not None:
+        limits.append(
+            Limit.bucket(
+                f"ip:{ip}", rate=ratelimit.ip_requests_per_second, burst=ratelimit.ip_burst
+            )
+        )
+    for decision in await platform.limiter.check(limits):
+        if not decision.allowed:
+            raise RateLimited("slow down: this client key is over its rate limit",
+                              headers=decision.headers())  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Request, Response
@@ -11,7 +12,7 @@ from relayport.configs import service
 from relayport.configs.client_auth import forget
 from relayport.configs.deps import ENV, EnvDep
 from relayport.configs.models import ClientKey, Version
-from relayport.configs.propagation import clients_of, propagation_of
+from relayport.configs.propagation import clients_of, propagation_of, seen_after
 from relayport.configs.push import hub_of
 from relayport.configs.repository import ClientKeyRepository, VersionRepository
 from relayport.configs.schemas import (
@@ -37,6 +38,7 @@ from relayport.core.deps import (
     client_ip,
 )
 from relayport.core.errors import BadRequest, NotFound
+from relayport.core.platform import Platform
 from relayport.core.schemas import ListResponse
 
 router = APIRouter(prefix="/v1")
@@ -154,11 +156,15 @@ async def verify(env: EnvDep, principal: Viewer, session: SessionDep) -> VerifyO
 
 @router.get(ENV + "/versions/{revision}/propagation", response_model=Propagation, tags=["configs"])
 async def propagation(
-    env: EnvDep, revision: RevisionPath, principal: Viewer, session: SessionDep
+    env: EnvDep,
+    revision: RevisionPath,
+    principal: Viewer,
+    session: SessionDep,
+    platform: PlatformDep,
 ) -> Propagation:
     """Connected clients, how many acknowledged this revision (or a later one), and p50/p99
     from commit to acknowledgement. Role: viewer."""
-    return await propagation_of(session, principal.tenant_id, env, revision)
+    return await propagation_of(session, principal.tenant_id, env, revision, _alive(platform))
 
 
 @router.get(ENV + "/clients", response_model=ListResponse[ClientOut], tags=["configs"])
@@ -166,11 +172,20 @@ async def list_clients(
     env: EnvDep,
     principal: Viewer,
     session: SessionDep,
+    platform: PlatformDep,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     after: Annotated[str | None, Query(max_length=64)] = None,
 ) -> ListResponse[ClientOut]:
-    """Clients of the environment with the revision each acknowledged last. Role: viewer."""
-    return await clients_of(session, principal.tenant_id, env, limit=limit, after=after)
+    """Clients of the environment with the revision each acknowledged last; `connected` only
+    while the instance holding the client's stream keeps confirming it. Role: viewer."""
+    return await clients_of(
+        session, principal.tenant_id, env, limit=limit, after=after, alive=_alive(platform)
+    )
+
+
+def _alive(platform: Platform) -> dt.datetime:
+    settings = platform.settings.configs
+    return seen_after(settings.heartbeat_interval_s, settings.connected_expiry_beats)
 
 
 @router.post(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -23,8 +25,15 @@ def percentile(values: list[float], q: float) -> float | None:
     return round(ordered[rank - 1], 3)
 
 
+def seen_after(heartbeat_interval_s: float, beats: int) -> dt.datetime:
+    """Connected clients not confirmed since this time count as gone: the instance holding
+    their stream confirms them every heartbeat interval, so only a crashed or cut-off instance
+    misses `beats` of them."""
+    return utcnow() - dt.timedelta(seconds=heartbeat_interval_s * beats)
+
+
 async def propagation_of(
-    session: AsyncSession, tenant_id: str, env: Environment, revision: int
+    session: AsyncSession, tenant_id: str, env: Environment, revision: int, alive: dt.datetime
 ) -> Propagation:
     version = await VersionRepository(session, tenant_id).at(env.id, revision)
     if version is None:
@@ -34,7 +43,7 @@ async def propagation_of(
     return Propagation(
         revision=revision,
         committed_at=version.created_at,
-        connected=await ClientRepository(session, tenant_id).connected_count(env.id),
+        connected=await ClientRepository(session, tenant_id).connected_count(env.id, alive),
         acked=await acks.clients_at_or_after(env.id, revision),
         p50_ms=percentile(latencies, 0.50),
         p99_ms=percentile(latencies, 0.99),
@@ -42,7 +51,13 @@ async def propagation_of(
 
 
 async def clients_of(
-    session: AsyncSession, tenant_id: str, env: Environment, *, limit: int, after: str | None
+    session: AsyncSession,
+    tenant_id: str,
+    env: Environment,
+    *,
+    limit: int,
+    after: str | None,
+    alive: dt.datetime,
 ) -> ListResponse[ClientOut]:
     repo = ClientRepository(session, tenant_id)
     page = await repo.page(
@@ -55,7 +70,7 @@ async def clients_of(
                 name=c.name,
                 client_key_id=c.client_key_id,
                 transport=c.transport,
-                connected=c.connected,
+                connected=c.connected and c.last_seen_at > alive,
                 revision=c.revision,
                 acked_at=c.acked_at,
                 last_seen_at=c.last_seen_at,

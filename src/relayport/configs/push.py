@@ -27,11 +27,13 @@ from relayport.configs import documents as docs
 from relayport.configs.models import Version
 from relayport.configs.repository import (
     ClientKeyRepository,
+    ClientRepository,
     EnvironmentRepository,
     VersionRepository,
 )
 from relayport.configs.subscribers import SUBSCRIBERS, Event, Subscriber
 from relayport.configs.versions import Committed, State, meta_of, state_from
+from relayport.core.db import utcnow
 from relayport.core.deps import after_commit
 from relayport.core.platform import Platform
 from relayport.core.pubsub import PubSubError, SubscriptionLost
@@ -40,6 +42,7 @@ log = logging.getLogger("relayport.configs")
 HUB = "configs.hub"
 CHANNEL = "configs.env."
 HEARTBEAT_SLICE = 500
+CONFIRM_SLICE = 400  # (key, name) pairs per UPDATE: under SQLite's bound-parameter limit
 
 
 class Channel:
@@ -185,6 +188,7 @@ class Hub:
         secrets: bool,
         since: int | None,
         key_id: str | None = None,
+        name: str | None = None,
     ) -> tuple[Channel, Subscriber, list[Event]]:
         channel = self.channels.get(env_id)
         if channel is None or channel.task.done():
@@ -199,7 +203,7 @@ class Hub:
             await channel.sync()
         self._ensure_ticker()
         # No await from here to the return: attach and catch-up see the same channel state.
-        subscriber = Subscriber(secrets, self.bound, key_id)
+        subscriber = Subscriber(secrets, self.bound, key_id, name)
         channel.subscribers.add(subscriber)
         SUBSCRIBERS.inc()
         self.count += 1
@@ -247,6 +251,7 @@ class Hub:
                 try:
                     await channel.sync()
                     await self._drop_revoked(channel)
+                    await self._confirm_connected(channel)
                 except Exception:  # the next tick retries; a stream must not die of it
                     log.exception("config sync failed", extra={"event": "configs.sync_failed"})
                 beat = {"type": "heartbeat", "revision": channel.revision}
@@ -270,6 +275,19 @@ class Hub:
             revoked = await ClientKeyRepository(session, channel.tenant_id).revoked_among(keys)
         for key_id in revoked:
             self.revoke(key_id)
+
+    async def _confirm_connected(self, channel: Channel) -> None:
+        """Refresh `last_seen_at` of the named clients streaming from this process, so a
+        client whose instance died (and never marked it disconnected) stops counting as
+        connected after a few intervals."""
+        named = sorted({(s.key_id, s.name) for s in channel.subscribers if s.key_id and s.name})
+        if not named:
+            return
+        now = utcnow()
+        async with self.platform.db.transaction() as session:
+            repo = ClientRepository(session, channel.tenant_id)
+            for start in range(0, len(named), CONFIRM_SLICE):
+                await repo.touch(channel.env_id, named[start : start + CONFIRM_SLICE], now)
 
     def revoke(self, key_id: str) -> None:
         """End every stream of this client key in this process now."""
@@ -306,16 +324,17 @@ def hub_of(platform: Platform) -> Hub:
 
 
 def announce(platform: Platform, session: AsyncSession, done: Committed) -> None:
-    """After the request's transaction commits: hand the version to this process's channel
-    (no database read, no task hop: the common single-instance case), then publish the
-    environment id so other processes read it."""
+    """After the request's transaction commits: publish the environment id so other
+    processes read the version, then hand it to this process's channel (no database read, no
+    task hop: the common single-instance case).
+
+    The publish goes first: its task sends the PUBLISH before the local fan-out (a callback
+    queued after it) starts, so other processes read and fan out while this one does rather
+    than after its whole fan-out."""
     env_id = done.version.environment_id
 
     def publish() -> None:
         hub = hub_of(platform)
-        channel = hub.channels.get(env_id)
-        if channel is not None and channel.ready.is_set():
-            channel.apply(done.version, done.state)
 
         async def run() -> None:
             try:
@@ -324,5 +343,8 @@ def announce(platform: Platform, session: AsyncSession, done: Committed) -> None
                 log.warning("config announce failed", extra={"event": "configs.announce_failed"})
 
         hub.spawn(run)
+        channel = hub.channels.get(env_id)
+        if channel is not None and channel.ready.is_set():
+            asyncio.get_running_loop().call_soon(channel.apply, done.version, done.state)
 
     after_commit(session, publish)

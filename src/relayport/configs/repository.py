@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Sequence
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, tuple_, update
 
 from relayport.configs.models import (
     Ack,
@@ -120,13 +121,32 @@ class ClientRepository(TenantRepository[ConfigClient]):
         stmt = self.query().where(ConfigClient.client_key_id == key_id, ConfigClient.name == name)
         return (await self.session.execute(stmt)).scalar_one_or_none()
 
-    async def connected_count(self, env_id: str) -> int:
+    async def connected_count(self, env_id: str, seen_after: dt.datetime) -> int:
+        """Clients marked connected whose instance confirmed them after `seen_after`."""
         stmt = select(func.count()).where(
             ConfigClient.tenant_id == self.tenant_id,
             ConfigClient.environment_id == env_id,
             ConfigClient.connected.is_(True),
+            ConfigClient.last_seen_at > seen_after,
         )
         return int((await self.session.execute(stmt)).scalar_one())
+
+    async def touch(
+        self, env_id: str, clients: Sequence[tuple[str, str]], now: dt.datetime
+    ) -> None:
+        """Confirm that these (client key id, name) clients are connected now. Also sets the
+        flag: a disconnect recorded late by another instance (the client moved here) heals."""
+        stmt = (
+            update(ConfigClient)
+            .where(
+                ConfigClient.tenant_id == self.tenant_id,
+                ConfigClient.environment_id == env_id,
+                tuple_(ConfigClient.client_key_id, ConfigClient.name).in_(clients),
+            )
+            .values(connected=True, last_seen_at=now)
+            .execution_options(synchronize_session=False)
+        )
+        await self.session.execute(stmt)
 
 
 class AckRepository(TenantRepository[Ack]):

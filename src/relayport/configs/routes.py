@@ -35,6 +35,7 @@ from relayport.configs.schemas import (
     Rollback,
     WriteResult,
 )
+from relayport.configs.streams import router as stream_router
 from relayport.configs.versions import Committed, key_etag
 from relayport.core.deps import Operator, PlatformDep, SessionDep, Viewer, client_ip
 from relayport.core.errors import NotFound
@@ -336,3 +337,4 @@ async def promote(
 
 router.routes.extend(history_router.routes)
 router.routes.extend(client_router.routes)
+router.routes.extend(stream_router.routes)

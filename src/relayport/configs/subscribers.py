@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 
+from relayport.configs.wire import Framing, Wire, http_chunk, ws_text_frame
 from relayport.core.pubsub import SubscriptionLost
 from relayport.core.telemetry import REGISTRY
 
@@ -31,7 +33,7 @@ SUBSCRIBERS, SLOW = _metrics()
 class Event:
     """One message to clients, encoded once per variant and transport, shared by all."""
 
-    __slots__ = ("_sse", "_text", "kind", "payloads", "revision")
+    __slots__ = ("_frames", "_sse", "_text", "kind", "payloads", "revision")
 
     def __init__(self, kind: str, revision: int, redacted: dict[str, Any], full: dict[str, Any]):
         self.kind = kind
@@ -40,6 +42,7 @@ class Event:
         self.payloads = (orjson.dumps(redacted), orjson.dumps(full))
         self._sse: list[bytes | None] = [None, None]
         self._text: list[str | None] = [None, None]
+        self._frames: dict[tuple[Framing, bool], bytes] = {}
 
     def json(self, secrets: bool) -> bytes:
         return self.payloads[secrets]
@@ -59,42 +62,108 @@ class Event:
             text = self._text[secrets] = self.payloads[secrets].decode()
         return text
 
+    def frame(self, framing: Framing, secrets: bool) -> bytes:
+        """The event as bytes for a transport's wire (see `wire.py`), built once."""
+        frame = self._frames.get((framing, secrets))
+        if frame is None:
+            if framing == "ws":
+                frame = ws_text_frame(self.payloads[secrets])
+            else:
+                frame = http_chunk(self.sse(secrets))
+            self._frames[framing, secrets] = frame
+        return frame
+
 
 class Subscriber:
-    """A bounded queue of events; overflowing it marks the subscriber lost (to resync).
+    """A bounded queue of events, or a direct wire; falling behind marks it lost (to resync).
 
     Waiting is a bare future, not `asyncio.Event` + `wait_for`: with 10,000 subscribers a task
     and a timer per subscriber per event would cost more than the sends. Heartbeats come from
     the hub's ticker as shared events, so no subscriber needs a timer of its own.
+
+    With a wire (`use_wire`), `offer` writes the event's frame to the connection's transport at
+    once and the stream's task only waits for the end; the queue is then unused. Either way a
+    slow reader is bounded: `bound` queued events, or `wire.limit` bytes in the socket buffer.
     """
 
-    __slots__ = ("_items", "_waiter", "active", "bound", "key_id", "lost", "secrets")
+    __slots__ = (
+        "_items",
+        "_waiter",
+        "active",
+        "bound",
+        "key_id",
+        "lost",
+        "name",
+        "on_lost",
+        "secrets",
+        "slow",
+        "wire",
+    )
 
-    def __init__(self, secrets: bool, bound: int, key_id: str | None = None) -> None:
+    def __init__(
+        self, secrets: bool, bound: int, key_id: str | None = None, name: str | None = None
+    ) -> None:
         self.secrets = secrets
         self.key_id = key_id
+        self.name = name  # the client's name, when it gave one (tracked as connected)
         self.bound = bound
         self.lost = False
+        self.slow = False  # lost because it fell behind (not revoked, closed or draining)
         self.active = False  # got an event since the last heartbeat tick
+        self.wire: Wire | None = None
+        # Called once (soon, not from inside the fan-out) when it is lost: streams without a
+        # task of their own (a handed-over WebSocket) close on it.
+        self.on_lost: Callable[[], None] | None = None
         self._items: deque[Event] = deque()
         self._waiter: asyncio.Future[None] | None = None
 
     def offer(self, event: Event) -> None:
         if self.lost:
             return
-        if len(self._items) >= self.bound:
+        wire = self.wire
+        if wire is not None:
+            if not wire.write(event.frame(wire.framing, self.secrets)):
+                self._fell_behind(not wire.closed())
+                return
+        elif len(self._items) >= self.bound:
             # Never block the fan-out on one reader: drop it, it reconnects and resyncs.
-            self.lost = True
-            self._items.clear()
-            SLOW.inc()
+            self._fell_behind(True)
+            return
         else:
             self._items.append(event)
-            self.active = self.active or event.kind != "heartbeat"
-        self._wake()
+            self._wake()
+        if event.kind != "heartbeat":
+            self.active = True
+
+    def use_wire(self, wire: Wire, first: list[Event]) -> None:
+        """Write `first` and whatever was queued meanwhile, then write every later event
+        directly. Synchronous, so nothing offered in between can overtake them."""
+        pending = [*first, *self._items]
+        self._items.clear()
+        self.wire = wire
+        for event in pending:
+            if self.lost:
+                break
+            if not wire.write(event.frame(wire.framing, self.secrets)):
+                self._fell_behind(not wire.closed())
+
+    def _fell_behind(self, slow: bool) -> None:
+        self.lost = True
+        self._items.clear()
+        if slow:
+            self.slow = True
+            SLOW.inc()
+        self._end()
 
     def drop(self) -> None:
         self.lost = True
+        self._end()
+
+    def _end(self) -> None:
         self._wake()
+        callback, self.on_lost = self.on_lost, None
+        if callback is not None:
+            asyncio.get_running_loop().call_soon(callback)
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -102,7 +171,9 @@ class Subscriber:
             waiter.set_result(None)
 
     async def next(self) -> list[Event]:
-        """The queued events, waiting for at least one; raises `SubscriptionLost`."""
+        """The queued events, waiting for at least one; raises `SubscriptionLost`.
+
+        With a wire nothing is queued: this waits until the subscriber is lost."""
         while not self._items and not self.lost:
             self._waiter = asyncio.get_running_loop().create_future()
             try:
@@ -110,7 +181,7 @@ class Subscriber:
             finally:
                 self._waiter = None
         if self.lost:
-            raise SubscriptionLost("subscriber fell behind")
+            raise SubscriptionLost("subscriber fell behind" if self.slow else "stream ended")
         items = list(self._items)
         self._items.clear()
         return items
