@@ -11,10 +11,10 @@ import asyncio
 from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 
 from relayport.configs import documents as docs
-from relayport.configs.client_auth import authenticate, spend
+from relayport.configs.client_auth import ClientPrincipal, authenticate, spend
 from relayport.configs.propagation import record_ack
 from relayport.configs.repository import EnvironmentRepository
 from relayport.configs.schemas import AckIn
@@ -79,13 +79,21 @@ async def client_config(
     return Response(orjson.dumps(body), media_type="application/json", headers=headers)
 
 
-@router.post("/client/acks", status_code=204, tags=["client"], responses=_PROBLEMS)
-async def client_ack(
-    body: AckIn, request: Request, session: SessionDep, platform: PlatformDep
-) -> Response:
-    """Record that the client named `client` applied `revision`."""
+async def _acking_client(request: Request, platform: PlatformDep) -> ClientPrincipal:
+    # A dependency, so the key is checked before the body is validated: without a valid key
+    # the answer is 401, never a 422 that describes the body it expects.
     principal = await authenticate(platform, request.headers.get("authorization"))
     await spend(platform, principal)
+    return principal
+
+
+@router.post("/client/acks", status_code=204, tags=["client"], responses=_PROBLEMS)
+async def client_ack(
+    principal: Annotated[ClientPrincipal, Depends(_acking_client)],
+    body: AckIn,
+    session: SessionDep,
+) -> Response:
+    """Record that the client named `client` applied `revision`."""
     await record_ack(
         session,
         principal.tenant_id,
