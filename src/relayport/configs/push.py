@@ -216,10 +216,15 @@ class Hub:
             SUBSCRIBERS.dec()
             self.count -= 1
             if self.frozen_at and self.count < self.frozen_at // 2:
-                # Half of what was frozen is gone: let the collector see it again, so cycles
-                # of closed connections do not stay frozen forever.
+                # Half of what was frozen is gone: collect the closed connections' cycles
+                # now, then freeze what lives on again. Unfreezing alone would also hand the
+                # rest of the process (the app's objects other modules froze, e.g. ingest's
+                # freeze at its first delivery) back to every full collection.
                 gc.unfreeze()
-                self.frozen_at = 0
+                gc.collect()
+                gc.freeze()
+                threshold = self.platform.settings.configs.gc_freeze_from
+                self.frozen_at = self.count if threshold and self.count >= threshold else 0
         if not channel.subscribers and self.channels.get(channel.env_id) is channel:
             del self.channels[channel.env_id]
             channel.task.cancel()
