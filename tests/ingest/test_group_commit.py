@@ -249,14 +249,15 @@ async def test_a_store_failure_answers_503_and_never_202(
     assert await _count(platform, Job) == 1
 
 
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
 async def test_a_connection_lost_under_the_one_statement_store_is_not_reused(
     client: httpx.AsyncClient,
     account: Account,
     platform: Platform,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    if platform.db.dialect != "postgresql":
-        pytest.skip("the one-statement store is PostgreSQL's")
+    """The one-statement store is PostgreSQL's (SQLite writes through the ORM session)."""
+    assert platform.db.dialect == "postgresql"
     source = await create_source(client, account)
     real = repository.store_events_pg
 
