@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from relayport.core import audit
 from relayport.core.db import utcnow
+from relayport.core.groupcommit import write_transaction
 from relayport.core.ids import new_id
 from relayport.core.platform import Platform
 from relayport.delivery import filters, messages, repository
@@ -58,7 +59,7 @@ async def gate_circuits(
             gates[endpoint.id] = Gate(probe=False, until=until)
             continue
         probe_until = now + dt.timedelta(seconds=settings.lease_s)
-        async with platform.db.transaction() as session:
+        async with write_transaction(platform) as session:
             won = await session.execute(
                 update(Endpoint)
                 .where(
@@ -126,7 +127,7 @@ async def finish(
         for o in outcomes
     ]
     enqueued = False
-    async with platform.db.transaction() as session:
+    async with write_transaction(platform) as session:
         attempt_rows = _attempt_rows(outcomes)
         if attempt_rows:
             await session.execute(insert(Attempt), attempt_rows)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
+from dataclasses import dataclass
 from itertools import islice
 from typing import Any
 
@@ -20,8 +21,9 @@ from relayport.core import audit
 from relayport.core.auth.principal import Principal
 from relayport.core.db import utcnow
 from relayport.core.errors import Conflict, ValidationFailed
+from relayport.core.groupcommit import GroupCommit, sqlite_write_lock
 from relayport.core.ids import new_id
-from relayport.core.outbox import enqueue
+from relayport.core.outbox import enqueue, outbox_values
 from relayport.core.platform import Platform
 from relayport.delivery import filters, repository
 from relayport.delivery.models import Message
@@ -29,6 +31,9 @@ from relayport.delivery.models import Message
 QUEUE = "delivery.send"
 MAX_SCHEMA_ERRORS = 10
 WAKE_KEY = "outbox.wake"
+_WRITER_KEY = "delivery.message_writer"
+MAX_BATCH = 256
+BATCH_CONCURRENCY = 4  # PostgreSQL: batches written at once by one process
 
 
 def wake(platform: Platform) -> None:
@@ -76,6 +81,58 @@ def _check_payload(schema: dict[str, Any], payload: Any) -> None:
         raise ValidationFailed("the payload does not match its event type's schema", errors=errors)
 
 
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    """A message to store: what `POST /v1/messages` (or an operational event) asks for."""
+
+    tenant_id: str
+    event_type: str
+    payload: Any
+    channels: tuple[str, ...] | None = None
+    idempotency_key: str | None = None
+    validate: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """A stored message; `deliveries` are its deliveries' columns when known without a read
+    (created here, or a repeat of a key created in the same batch), else None."""
+
+    message: Message
+    deliveries: list[dict[str, Any]] | None
+    created: bool
+
+
+def writer(platform: Platform) -> GroupCommit[NewMessage, Accepted]:
+    """The process's group committer for new messages (made on first use)."""
+    found = platform.extras.get(_WRITER_KEY)
+    if found is None:
+        ttl = platform.settings.delivery.idempotency_ttl_s
+        sqlite = platform.db.dialect == "sqlite"
+
+        async def write(session: AsyncSession, items: Sequence[NewMessage]) -> list[Any]:
+            return await store_messages(session, items, idempotency_ttl_s=ttl)
+
+        found = platform.extras[_WRITER_KEY] = GroupCommit(
+            platform.db,
+            write,
+            name="delivery.messages",
+            max_items=MAX_BATCH,
+            max_wait_s=0,  # batches form while the previous one is being written
+            # SQLite has one writer: concurrent batches would only wait on its lock.
+            concurrency=1 if sqlite else BATCH_CONCURRENCY,
+            lock=sqlite_write_lock(platform),
+        )
+    assert isinstance(found, GroupCommit)
+    return found
+
+
+async def accept(platform: Platform, item: NewMessage) -> Accepted:
+    """Store a message with its deliveries and outbox row, grouped into one transaction with
+    the messages other requests are storing at the same moment; returns once committed."""
+    return await writer(platform).submit(item)
+
+
 async def create_message(
     session: AsyncSession,
     tenant_id: str,
@@ -87,79 +144,159 @@ async def create_message(
     idempotency_ttl_s: float,
     validate: bool = True,
 ) -> tuple[Message, list[dict[str, Any]] | None, bool]:
-    """Store a message with its deliveries and outbox row: (message, its deliveries when it
-    was created here, created).
+    """Store a message with its deliveries and outbox row in the caller's transaction:
+    (message, its deliveries when it was created here, created).
 
     A key seen within `idempotency_ttl_s` returns the original message (created False); an
     older one is released and the key starts a new message.
     """
+    item = NewMessage(
+        tenant_id,
+        event_type,
+        payload,
+        tuple(channels) if channels else None,
+        idempotency_key,
+        validate,
+    )
+    (result,) = await store_messages(session, [item], idempotency_ttl_s=idempotency_ttl_s)
+    if isinstance(result, Exception):
+        raise result
+    return result.message, result.deliveries if result.created else None, result.created
+
+
+async def store_messages(
+    session: AsyncSession, items: Sequence[NewMessage], *, idempotency_ttl_s: float
+) -> list[Accepted | Exception]:
+    """Store messages in the caller's transaction, with as few statements as a batch allows:
+    one result per item (an `Accepted`, or the exception its caller gets)."""
     now = utcnow()
-    if idempotency_key is not None:
-        existing = await repository.message_by_key(session, tenant_id, idempotency_key)
-        if existing is not None:
-            if existing.created_at > now - dt.timedelta(seconds=idempotency_ttl_s):
-                return existing, None, False
-            await repository.release_key(session, existing.id)
-    if validate:
-        kind = await repository.EventTypeRepository(session, tenant_id).by_name(event_type)
-        if kind is not None and kind.schema is not None:
-            _check_payload(kind.schema, payload)
-    message_id = new_id("msg")
-    values = {
-        "id": message_id,
-        "tenant_id": tenant_id,
-        "event_type": event_type,
-        "channels": list(channels) if channels else None,
-        "idempotency_key": idempotency_key,
-        "body": body_of(event_type, payload, now),
-        "created_at": now,
-    }
-    if not await repository.insert_message(session, values):
+    results: list[Accepted | Exception | None] = [None] * len(items)
+    # Repeats of one key inside the batch follow its first item.
+    leaders: dict[tuple[str, str], int] = {}
+    followers: dict[int, int] = {}
+    for index, item in enumerate(items):
+        if item.idempotency_key is None:
+            continue
+        key = (item.tenant_id, item.idempotency_key)
+        if key in leaders:
+            followers[index] = leaders[key]
+        else:
+            leaders[key] = index
+    existing = await repository.messages_by_keys(session, list(leaders))
+    expired = []
+    for key, found in existing.items():
+        if found.created_at > now - dt.timedelta(seconds=idempotency_ttl_s):
+            results[leaders[key]] = Accepted(found, None, False)
+        else:
+            expired.append(found.id)
+    if expired:
+        await repository.release_keys(session, expired)
+    todo = [i for i in range(len(items)) if results[i] is None and i not in followers]
+    schemas = await repository.event_type_schemas(
+        session, {(items[i].tenant_id, items[i].event_type) for i in todo if items[i].validate}
+    )
+    rows: dict[int, dict[str, Any]] = {}
+    for index in todo:
+        item = items[index]
+        schema = schemas.get((item.tenant_id, item.event_type)) if item.validate else None
+        if schema is not None:
+            try:
+                _check_payload(schema, item.payload)
+            except ValidationFailed as exc:
+                results[index] = exc
+                continue
+        rows[index] = {
+            "id": new_id("msg"),
+            "tenant_id": item.tenant_id,
+            "event_type": item.event_type,
+            "channels": list(item.channels) if item.channels else None,
+            "idempotency_key": item.idempotency_key,
+            "body": body_of(item.event_type, item.payload, now),
+            "created_at": now,
+        }
+    inserted = await repository.insert_messages(session, list(rows.values()))
+    lost = [i for i, row in rows.items() if row["id"] not in inserted]
+    if lost:
         # A concurrent request with the same key won the insert and has committed.
-        assert idempotency_key is not None
-        winner = await repository.message_by_key(session, tenant_id, idempotency_key)
-        if winner is None:  # pragma: no cover - it committed before we looked
-            raise Conflict("a concurrent request used this key", slug="idempotency-conflict")
-        return winner, None, False
-    message = Message(**values)
-    return message, await fan_out(session, message, now), True
+        winners = await repository.messages_by_keys(
+            session, [(items[i].tenant_id, items[i].idempotency_key or "") for i in lost]
+        )
+        for index in lost:
+            item = items[index]
+            winner = winners.get((item.tenant_id, item.idempotency_key or ""))
+            results[index] = (
+                Accepted(winner, None, False)
+                if winner is not None
+                else Conflict("a concurrent request used this key", slug="idempotency-conflict")
+            )
+    created = {i: Message(**row) for i, row in rows.items() if row["id"] in inserted}
+    fanned = await fan_out_many(session, list(created.values()), now)
+    for index, message in created.items():
+        results[index] = Accepted(message, fanned[message.id], True)
+    for index, leader in followers.items():
+        first = results[leader]
+        results[index] = (
+            Accepted(first.message, first.deliveries, False)
+            if isinstance(first, Accepted)
+            else first
+        )
+    return [r if r is not None else RuntimeError("message left unstored") for r in results]
+
+
+async def fan_out_many(
+    session: AsyncSession, stored: Sequence[Message], now: dt.datetime
+) -> dict[str, list[dict[str, Any]]]:
+    """One delivery per enabled endpoint whose filters accept each message, and one outbox
+    row per message that has any (the worker claims all its deliveries at once): one insert
+    of each for the whole batch. Returns each message's deliveries' columns."""
+    endpoints: dict[str, list[Any]] = {}
+    for tenant_id in {m.tenant_id for m in stored}:
+        endpoints[tenant_id] = await repository.enabled_endpoints(session, tenant_id)
+    out: dict[str, list[dict[str, Any]]] = {}
+    deliveries: list[dict[str, Any]] = []
+    announcements: list[dict[str, Any]] = []
+    for message in stored:
+        rows = [
+            _delivery(message, endpoint_id, fifo, now)
+            for endpoint_id, fifo, filter_types, channels in endpoints[message.tenant_id]
+            if filters.accepts(filter_types, channels, message.event_type, message.channels)
+        ]
+        out[message.id] = rows
+        if rows:
+            deliveries += rows
+            announcements.append(
+                outbox_values(
+                    topic=QUEUE, payload=message.id.encode(), tenant_id=message.tenant_id, now=now
+                )
+            )
+    await repository.insert_deliveries(session, deliveries)
+    await repository.insert_outbox(session, announcements)
+    return out
 
 
 async def fan_out(
     session: AsyncSession, message: Message, now: dt.datetime
 ) -> list[dict[str, Any]]:
-    """One delivery per enabled endpoint whose filters accept the message, and one outbox
-    row that names the message (the worker claims all its deliveries at once). Returns the
-    deliveries' columns."""
-    endpoints = await repository.enabled_endpoints(session, message.tenant_id)
-    rows = [
-        {
-            "id": new_id("dlv"),
-            "tenant_id": message.tenant_id,
-            "message_id": message.id,
-            "endpoint_id": endpoint_id,
-            "fifo": fifo,
-            "status": "pending",
-            "attempts": 0,
-            "next_attempt_at": now,
-            "locked_until": None,
-            "last_error": None,
-            "created_at": now,
-            "updated_at": now,
-            "finished_at": None,
-        }
-        for endpoint_id, fifo, filter_types, channels in endpoints
-        if filters.accepts(filter_types, channels, message.event_type, message.channels)
-    ]
-    if rows:
-        await repository.insert_deliveries(session, rows)
-        enqueue(
-            session,
-            topic=QUEUE,
-            payload=message.id.encode(),
-            tenant_id=message.tenant_id,
-        )
-    return rows
+    """`fan_out_many` for one message."""
+    return (await fan_out_many(session, [message], now))[message.id]
+
+
+def _delivery(message: Message, endpoint_id: str, fifo: bool, now: dt.datetime) -> dict[str, Any]:
+    return {
+        "id": new_id("dlv"),
+        "tenant_id": message.tenant_id,
+        "message_id": message.id,
+        "endpoint_id": endpoint_id,
+        "fifo": fifo,
+        "status": "pending",
+        "attempts": 0,
+        "next_attempt_at": now,
+        "locked_until": None,
+        "last_error": None,
+        "created_at": now,
+        "updated_at": now,
+        "finished_at": None,
+    }
 
 
 def enqueue_deliveries(session: AsyncSession, rows: Sequence[tuple[str, str]]) -> None:

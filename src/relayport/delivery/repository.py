@@ -23,6 +23,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
+from relayport.core.outbox import OutboxMessage
 from relayport.core.repository import TenantRepository
 from relayport.delivery.models import (
     FINISHED,
@@ -72,30 +73,79 @@ def _insert(session: AsyncSession) -> Any:
     return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
 
 
-async def insert_message(session: AsyncSession, values: dict[str, Any]) -> bool:
-    """INSERT … ON CONFLICT (tenant_id, idempotency_key) DO NOTHING; True when inserted.
-    Concurrent posts with one key race on the unique index: exactly one inserts."""
+async def insert_messages(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> set[str]:
+    """One INSERT … ON CONFLICT (tenant_id, idempotency_key) DO NOTHING for many messages;
+    the ids of those inserted. Concurrent posts with one key race on the unique index:
+    exactly one inserts."""
+    if not rows:
+        return set()
     stmt = (
         _insert(session)(Message)
-        .values(**values)
+        .values(list(rows))
         .on_conflict_do_nothing(index_elements=["tenant_id", "idempotency_key"])
         .returning(Message.id)
     )
-    return (await session.execute(stmt)).scalar_one_or_none() is not None
+    return set((await session.execute(stmt)).scalars())
 
 
-async def message_by_key(session: AsyncSession, tenant_id: str, key: str) -> Message | None:
-    stmt = select(Message).where(Message.tenant_id == tenant_id, Message.idempotency_key == key)
-    return (await session.execute(stmt)).scalar_one_or_none()
+async def messages_by_keys(
+    session: AsyncSession, keys: Sequence[tuple[str, str]]
+) -> dict[tuple[str, str], Message]:
+    """The messages holding some (tenant id, idempotency key) pairs, by pair."""
+    by_tenant: dict[str, set[str]] = {}
+    for tenant_id, key in keys:
+        by_tenant.setdefault(tenant_id, set()).add(key)
+    if not by_tenant:
+        return {}
+    stmt = select(Message).where(
+        or_(
+            *(
+                and_(Message.tenant_id == tenant_id, Message.idempotency_key.in_(sorted(names)))
+                for tenant_id, names in by_tenant.items()
+            )
+        )
+    )
+    found = (await session.execute(stmt)).scalars()
+    return {(m.tenant_id, m.idempotency_key or ""): m for m in found}
 
 
-async def release_key(session: AsyncSession, message_id: str) -> None:
+async def release_keys(session: AsyncSession, message_ids: Sequence[str]) -> None:
+    """Free the idempotency keys of messages older than the idempotency window."""
     await session.execute(
         update(Message)
-        .where(Message.id == message_id)
+        .where(Message.id.in_(list(message_ids)))
         .values(idempotency_key=None)
         .execution_options(synchronize_session=False)
     )
+
+
+async def event_type_schemas(
+    session: AsyncSession, names: set[tuple[str, str]]
+) -> dict[tuple[str, str], dict[str, Any]]:
+    """The JSON Schemas of some (tenant id, event type) pairs, for those that have one."""
+    by_tenant: dict[str, set[str]] = {}
+    for tenant_id, name in names:
+        by_tenant.setdefault(tenant_id, set()).add(name)
+    if not by_tenant:
+        return {}
+    stmt = select(EventType.tenant_id, EventType.name, EventType.schema).where(
+        or_(
+            *(
+                and_(EventType.tenant_id == tenant_id, EventType.name.in_(sorted(types)))
+                for tenant_id, types in by_tenant.items()
+            )
+        ),
+        EventType.schema.is_not(None),
+    )
+    rows = (await session.execute(stmt)).all()
+    return {(r[0], r[1]): r[2] for r in rows if r[2] is not None}
+
+
+async def insert_outbox(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> None:
+    """Outbox rows (`outbox_values`), in one executemany."""
+    if rows:
+        conn = await session.connection()
+        await conn.execute(insert(OutboxMessage), list(rows))
 
 
 async def enabled_endpoints(session: AsyncSession, tenant_id: str) -> list[Any]:
@@ -109,8 +159,9 @@ async def enabled_endpoints(session: AsyncSession, tenant_id: str) -> list[Any]:
 
 async def insert_deliveries(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> None:
     """One executemany, without the unit of work (100 endpoints are 100 rows per message)."""
-    conn = await session.connection()
-    await conn.execute(insert(_table), list(rows))
+    if rows:
+        conn = await session.connection()
+        await conn.execute(insert(_table), list(rows))
 
 
 async def delete_endpoint_rows(session: AsyncSession, endpoint_id: str) -> None:

@@ -17,6 +17,7 @@ from typing import Literal
 
 from relayport.core.crypto import DecryptionError
 from relayport.core.db import utcnow
+from relayport.core.groupcommit import write_transaction
 from relayport.core.platform import Platform
 from relayport.delivery import health, repository, retry, signing
 from relayport.delivery.models import Endpoint, Message
@@ -71,7 +72,7 @@ async def run(platform: Platform, refs: Sequence[str]) -> int:
     lease_until = now + dt.timedelta(seconds=settings.lease_s)
     # One transaction claims and reads what the sends need: one connection checkout, one
     # commit (the reads see the rows as claimed).
-    async with platform.db.transaction() as session:
+    async with write_transaction(platform) as session:
         claimed = await repository.claim(
             session,
             now=now,
