@@ -102,15 +102,17 @@ def _attempt_rows(outcomes: Sequence[Outcome]) -> list[dict[str, Any]]:
     return rows
 
 
-async def finish(
+async def record(
     platform: Platform,
     transport: Transport,
+    session: AsyncSession,
     outcomes: Sequence[Outcome],
-    endpoints: dict[str, Endpoint],
-    lease_until: dt.datetime,
-) -> None:
+) -> bool:
+    """Log a batch of attempts and record their deliveries' outcomes and their endpoints'
+    health in the caller's transaction; True if it queued work to announce (wake the relay
+    once it has committed)."""
     if not outcomes:
-        return
+        return False
     now = utcnow()
     rows = [
         {
@@ -121,51 +123,51 @@ async def finish(
             "b_next": o.next_at,
             "b_error": o.error,
             "b_now": now,
-            "b_lease": lease_until,
+            "b_lease": o.lease_until,
             "b_finished": now if o.status in ("succeeded", "dead") else None,
         }
         for o in outcomes
     ]
     enqueued = False
-    async with write_transaction(platform) as session:
-        attempt_rows = _attempt_rows(outcomes)
-        if attempt_rows:
-            await session.execute(insert(Attempt), attempt_rows)
-        await repository.finish(session, rows)
-        for endpoint_id in {o.endpoint_id for o in outcomes}:
-            mine = [o for o in outcomes if o.endpoint_id == endpoint_id]
-            enqueued |= await _endpoint_health(
-                platform, transport, session, endpoints[endpoint_id], mine, now
+    attempt_rows = _attempt_rows(outcomes)
+    if attempt_rows:
+        await session.execute(insert(Attempt), attempt_rows)
+    await repository.finish(session, rows)
+    by_endpoint: dict[str, list[Outcome]] = {}
+    for o in outcomes:
+        by_endpoint.setdefault(o.endpoint.id, []).append(o)
+    for mine in by_endpoint.values():
+        enqueued |= await _endpoint_health(
+            platform, transport, session, mine[0].endpoint, mine, now
+        )
+    for o in outcomes:
+        if o.status == "dead" and o.sent and o.message.event_type not in filters.OPERATIONAL_TYPES:
+            enqueued |= await _operational(
+                session,
+                o.message.tenant_id,
+                "message.attempt.exhausted",
+                {
+                    "message_id": o.message.id,
+                    "endpoint_id": o.endpoint_id,
+                    "event_type": o.message.event_type,
+                    "attempts": o.attempt,
+                    "last_error": o.error,
+                },
             )
-        for o in outcomes:
-            if (
-                o.status == "dead"
-                and o.sent
-                and o.message.event_type not in filters.OPERATIONAL_TYPES
-            ):
-                enqueued |= await _operational(
-                    session,
-                    o.message.tenant_id,
-                    "message.attempt.exhausted",
-                    {
-                        "message_id": o.message.id,
-                        "endpoint_id": o.endpoint_id,
-                        "event_type": o.message.event_type,
-                        "attempts": o.attempt,
-                        "last_error": o.error,
-                    },
-                )
-        fifo = [
-            e.id
-            for e in endpoints.values()
-            if e.fifo and any(o.endpoint_id == e.id and o.status != "retrying" for o in outcomes)
-        ]
-        if fifo:
-            successors = await repository.next_fifo(session, fifo)
-            messages.enqueue_deliveries(session, successors)
-            enqueued |= bool(successors)
-    if enqueued:
-        wake(platform)
+    fifo = [
+        endpoint_id
+        for endpoint_id, mine in by_endpoint.items()
+        if mine[0].endpoint.fifo and any(o.status != "retrying" for o in mine)
+    ]
+    if fifo:
+        successors = await repository.next_fifo(session, fifo)
+        messages.enqueue_deliveries(session, successors)
+        enqueued |= bool(successors)
+    return enqueued
+
+
+def observe(outcomes: Sequence[Outcome]) -> None:
+    """Metrics and logs of recorded outcomes (after their commit)."""
     for o in outcomes:
         DELIVERIES.labels(o.status if o.sent else "deferred").inc()
         if o.status == "succeeded":
