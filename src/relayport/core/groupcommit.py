@@ -12,6 +12,8 @@ knows its rows are durable.
   one bad item fails only its own caller.
 - A caller that is cancelled does not cancel the batch: the batch runs in its own task and the
   others in it still need it (the cancelled caller's row may still commit).
+- `on_commit(results)`, if given, runs once per committed transaction, before the callers
+  resume (e.g. to publish what the batch stored).
 
 `sqlite_write_lock(platform)` is the process-wide asyncio lock writers take in turn on SQLite,
 which has one writer at a time: a connection that finds the database locked sleeps in SQLite's
@@ -78,8 +80,10 @@ class GroupCommit(Generic[T, R]):
         max_wait_s: float,
         concurrency: int,
         lock: asyncio.Lock | None = None,
+        on_commit: Callable[[Sequence[R | Exception]], None] | None = None,
     ) -> None:
         self._db = db
+        self._on_commit = on_commit
         self._lock = lock
         self._write = write
         self._name = name
@@ -166,6 +170,14 @@ class GroupCommit(Generic[T, R]):
             return
         self.batches += 1
         self.items += len(batch)
+        if self._on_commit is not None:
+            try:
+                self._on_commit(results)
+            except Exception:  # the rows are committed: their callers get them regardless
+                log.exception(
+                    "group commit hook failed",
+                    extra={"event": "groupcommit.hook_failed", "batch": self._name},
+                )
         for (_, future), result in zip(batch, results, strict=True):
             if future.done():  # its caller gave up; the row is stored all the same
                 continue

@@ -7,7 +7,9 @@ a message is never stored without being sent nor sent without being stored.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import islice
@@ -28,10 +30,15 @@ from relayport.core.platform import Platform
 from relayport.delivery import filters, repository
 from relayport.delivery.models import Message
 
+log = logging.getLogger("relayport.delivery")
+
 QUEUE = "delivery.send"
 MAX_SCHEMA_ERRORS = 10
 WAKE_KEY = "outbox.wake"
 _WRITER_KEY = "delivery.message_writer"
+_PUBLISHING_KEY = "delivery.publishing"
+# How long a message's outbox row waits for its direct publish before the relay sends it.
+DIRECT_PUBLISH_GRACE_S = 10.0
 MAX_BATCH = 256
 BATCH_CONCURRENCY = 4  # PostgreSQL: batches written at once by one process
 
@@ -101,6 +108,8 @@ class Accepted:
     message: Message
     deliveries: list[dict[str, Any]] | None
     created: bool
+    # The id of the outbox row announcing a created message with deliveries.
+    announcement: str | None = None
 
 
 def writer(platform: Platform) -> GroupCommit[NewMessage, Accepted]:
@@ -111,7 +120,9 @@ def writer(platform: Platform) -> GroupCommit[NewMessage, Accepted]:
         sqlite = platform.db.dialect == "sqlite"
 
         async def write(session: AsyncSession, items: Sequence[NewMessage]) -> list[Any]:
-            return await store_messages(session, items, idempotency_ttl_s=ttl)
+            return await store_messages(
+                session, items, idempotency_ttl_s=ttl, publish_grace_s=DIRECT_PUBLISH_GRACE_S
+            )
 
         found = platform.extras[_WRITER_KEY] = GroupCommit(
             platform.db,
@@ -122,9 +133,51 @@ def writer(platform: Platform) -> GroupCommit[NewMessage, Accepted]:
             # SQLite has one writer: concurrent batches would only wait on its lock.
             concurrency=1 if sqlite else BATCH_CONCURRENCY,
             lock=sqlite_write_lock(platform),
+            on_commit=lambda results: publish_soon(platform, results),
         )
     assert isinstance(found, GroupCommit)
     return found
+
+
+def publish_soon(platform: Platform, results: Sequence[Accepted | Exception]) -> None:
+    """Announce a committed batch's new messages to the broker now, from this process,
+    instead of waiting for the outbox relay's poll: the relay would add its poll interval and
+    a transaction to every message's latency. Their outbox rows stay due only after
+    `DIRECT_PUBLISH_GRACE_S`, and the worker marks them sent when it claims the deliveries;
+    if this publish fails (or the process dies first) the relay publishes them then."""
+    refs = [
+        (r.message.id, r.announcement)
+        for r in results
+        if isinstance(r, Accepted) and r.created and r.announcement is not None
+    ]
+    if not refs:
+        return
+    tasks: set[asyncio.Task[None]] = platform.extras.setdefault(_PUBLISHING_KEY, set())
+    # In the background: the in-process broker's publish returns only once a handler has
+    # settled the message, and no request waits for that.
+    task = asyncio.get_running_loop().create_task(_publish(platform, refs))
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
+
+
+async def _publish(platform: Platform, refs: Sequence[tuple[str, str]]) -> None:
+    outcomes = await asyncio.gather(
+        *(
+            platform.broker.publish(QUEUE, message_id.encode(), message_id=announcement)
+            for message_id, announcement in refs
+        ),
+        return_exceptions=True,
+    )
+    failed = [o for o in outcomes if isinstance(o, BaseException)]
+    if failed:
+        log.warning(
+            "direct publish failed; the outbox relay sends these messages after its grace",
+            extra={
+                "event": "delivery.publish_failed",
+                "count": len(failed),
+                "error": repr(failed[0])[:300],
+            },
+        )
 
 
 async def accept(platform: Platform, item: NewMessage) -> Accepted:
@@ -165,10 +218,17 @@ async def create_message(
 
 
 async def store_messages(
-    session: AsyncSession, items: Sequence[NewMessage], *, idempotency_ttl_s: float
+    session: AsyncSession,
+    items: Sequence[NewMessage],
+    *,
+    idempotency_ttl_s: float,
+    publish_grace_s: float = 0,
 ) -> list[Accepted | Exception]:
     """Store messages in the caller's transaction, with as few statements as a batch allows:
-    one result per item (an `Accepted`, or the exception its caller gets)."""
+    one result per item (an `Accepted`, or the exception its caller gets).
+
+    With `publish_grace_s`, the outbox rows become due for the relay only that much later:
+    the caller publishes them itself once committed (`publish_soon`)."""
     now = utcnow()
     results: list[Accepted | Exception | None] = [None] * len(items)
     # Repeats of one key inside the batch follow its first item.
@@ -230,9 +290,11 @@ async def store_messages(
                 else Conflict("a concurrent request used this key", slug="idempotency-conflict")
             )
     created = {i: Message(**row) for i, row in rows.items() if row["id"] in inserted}
-    fanned = await fan_out_many(session, list(created.values()), now)
+    fanned, announced = await fan_out_many(
+        session, list(created.values()), now, due_in_s=publish_grace_s
+    )
     for index, message in created.items():
-        results[index] = Accepted(message, fanned[message.id], True)
+        results[index] = Accepted(message, fanned[message.id], True, announced.get(message.id))
     for index, leader in followers.items():
         first = results[leader]
         results[index] = (
@@ -244,15 +306,18 @@ async def store_messages(
 
 
 async def fan_out_many(
-    session: AsyncSession, stored: Sequence[Message], now: dt.datetime
-) -> dict[str, list[dict[str, Any]]]:
+    session: AsyncSession, stored: Sequence[Message], now: dt.datetime, *, due_in_s: float = 0
+) -> tuple[dict[str, list[dict[str, Any]]], dict[str, str]]:
     """One delivery per enabled endpoint whose filters accept each message, and one outbox
-    row per message that has any (the worker claims all its deliveries at once): one insert
-    of each for the whole batch. Returns each message's deliveries' columns."""
+    row per message that has any (the worker claims all its deliveries at once), due for the
+    relay `due_in_s` from now: one insert of each for the whole batch. Returns each message's
+    deliveries' columns, and the outbox row id of each message that has deliveries."""
     endpoints: dict[str, list[Any]] = {}
     for tenant_id in {m.tenant_id for m in stored}:
         endpoints[tenant_id] = await repository.enabled_endpoints(session, tenant_id)
     out: dict[str, list[dict[str, Any]]] = {}
+    announced: dict[str, str] = {}
+    due = now + dt.timedelta(seconds=due_in_s)
     deliveries: list[dict[str, Any]] = []
     announcements: list[dict[str, Any]] = []
     for message in stored:
@@ -264,21 +329,15 @@ async def fan_out_many(
         out[message.id] = rows
         if rows:
             deliveries += rows
-            announcements.append(
-                outbox_values(
-                    topic=QUEUE, payload=message.id.encode(), tenant_id=message.tenant_id, now=now
-                )
+            row = outbox_values(
+                topic=QUEUE, payload=message.id.encode(), tenant_id=message.tenant_id, now=now
             )
+            row["available_at"] = due
+            announcements.append(row)
+            announced[message.id] = row["message_id"]
     await repository.insert_deliveries(session, deliveries)
     await repository.insert_outbox(session, announcements)
-    return out
-
-
-async def fan_out(
-    session: AsyncSession, message: Message, now: dt.datetime
-) -> list[dict[str, Any]]:
-    """`fan_out_many` for one message."""
-    return (await fan_out_many(session, [message], now))[message.id]
+    return out, announced
 
 
 def _delivery(message: Message, endpoint_id: str, fifo: bool, now: dt.datetime) -> dict[str, Any]:

@@ -141,6 +141,18 @@ async def event_type_schemas(
     return {(r[0], r[1]): r[2] for r in rows if r[2] is not None}
 
 
+async def mark_announced(
+    session: AsyncSession, outbox_ids: Sequence[str], now: dt.datetime
+) -> None:
+    """Mark outbox rows whose message a worker received as sent (those still unsent)."""
+    await session.execute(
+        update(OutboxMessage)
+        .where(OutboxMessage.id.in_(sorted(set(outbox_ids))), OutboxMessage.sent_at.is_(None))
+        .values(sent_at=now, attempts=OutboxMessage.attempts + 1)
+        .execution_options(synchronize_session=False)
+    )
+
+
 async def insert_outbox(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> None:
     """Outbox rows (`outbox_values`), in one executemany."""
     if rows:

@@ -87,12 +87,20 @@ class Gate:
     used: bool = False
 
 
-def _claims(platform: Platform) -> GroupCommit[str, list[Job]]:
+def _claims(platform: Platform) -> GroupCommit[tuple[str, str | None], list[Job]]:
     found = platform.extras.get(_CLAIMS_KEY)
     if found is None:
 
-        async def write(session: AsyncSession, refs: Sequence[str]) -> list[Any]:
-            return await claim_batch(platform, session, refs)
+        async def write(
+            session: AsyncSession, items: Sequence[tuple[str, str | None]]
+        ) -> list[Any]:
+            announced = [a for _, a in items if a is not None]
+            if announced:
+                # Their announcements were published straight after the commit that made them
+                # (`messages.publish_soon`): from this claim on, the deliveries' leases stand
+                # for them, and the relay must not publish them again.
+                await repository.mark_announced(session, announced, utcnow())
+            return await claim_batch(platform, session, [ref for ref, _ in items])
 
         found = platform.extras[_CLAIMS_KEY] = _committer(platform, write, "delivery.claims")
     assert isinstance(found, GroupCommit)
@@ -165,16 +173,17 @@ async def claim_batch(
     return [by_ref.pop(ref, []) for ref in refs]
 
 
-async def send_ref(platform: Platform, ref: str) -> int:
+async def send_ref(platform: Platform, ref: str, announcement: str | None = None) -> int:
     """Send the due deliveries one broker message names (a message id or a delivery id) and
     record their outcomes; returns how many were attempted or deferred.
 
     Claims and outcomes of the refs a worker handles at the same moment are written together
     (one transaction each per batch), yet each ref returns, and its broker message is acked,
     as soon as its own deliveries are recorded: a hanging endpoint holds its own message
-    only, not the prefetch slots of the healthy ones claimed with it.
+    only, not the prefetch slots of the healthy ones claimed with it. `announcement` is the
+    broker message's id: the outbox row that announced the ref.
     """
-    jobs = await _claims(platform).submit(ref)
+    jobs = await _claims(platform).submit((ref, announcement))
     if not jobs:
         return 0
     now = utcnow()

@@ -27,7 +27,7 @@ async def handle(platform: Platform, message: Message) -> None:
     try:
         # Claims and outcomes are written in batches with the other refs handled at the same
         # moment; this returns once this ref's own deliveries are recorded.
-        await sender.send_ref(platform, ref)
+        await sender.send_ref(platform, ref, message.message_id)
     except Exception:
         # The database holds the deliveries, not the broker message: acking loses nothing,
         # since the scheduler sends them round again once their lease expires.
