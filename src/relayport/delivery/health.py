@@ -23,7 +23,7 @@ from relayport.core.db import utcnow
 from relayport.core.groupcommit import write_transaction
 from relayport.core.ids import new_id
 from relayport.core.platform import Platform
-from relayport.delivery import filters, messages, repository
+from relayport.delivery import catalog, filters, messages, repository
 from relayport.delivery.metrics import (
     ATTEMPTS_PER_MESSAGE,
     CIRCUIT_STATE,
@@ -252,6 +252,8 @@ async def _endpoint_health(
         reason = "failing"
     if reason is not None and endpoint.enabled:
         values |= {"enabled": False, "disabled_reason": reason}
+    if "enabled" in values:
+        await catalog.bump(session, [endpoint.tenant_id])  # fan-out skips it from now on
     if values:
         stmt = update(Endpoint).where(Endpoint.id == endpoint.id)
         if "circuit_state" in values and values["circuit_state"] == "open" and probe is None:

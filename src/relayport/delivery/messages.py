@@ -28,6 +28,7 @@ from relayport.core.ids import new_id
 from relayport.core.outbox import enqueue, outbox_values
 from relayport.core.platform import Platform
 from relayport.delivery import filters, repository
+from relayport.delivery.catalog import Catalog, catalog_of
 from relayport.delivery.models import Message
 
 log = logging.getLogger("relayport.delivery")
@@ -117,11 +118,16 @@ def writer(platform: Platform) -> GroupCommit[NewMessage, Accepted]:
     found = platform.extras.get(_WRITER_KEY)
     if found is None:
         ttl = platform.settings.delivery.idempotency_ttl_s
+        cache = catalog_of(platform)
         sqlite = platform.db.dialect == "sqlite"
 
         async def write(session: AsyncSession, items: Sequence[NewMessage]) -> list[Any]:
             return await store_messages(
-                session, items, idempotency_ttl_s=ttl, publish_grace_s=DIRECT_PUBLISH_GRACE_S
+                session,
+                items,
+                idempotency_ttl_s=ttl,
+                publish_grace_s=DIRECT_PUBLISH_GRACE_S,
+                catalog=cache,
             )
 
         found = platform.extras[_WRITER_KEY] = GroupCommit(
@@ -223,12 +229,14 @@ async def store_messages(
     *,
     idempotency_ttl_s: float,
     publish_grace_s: float = 0,
+    catalog: Catalog | None = None,
 ) -> list[Accepted | Exception]:
     """Store messages in the caller's transaction, with as few statements as a batch allows:
     one result per item (an `Accepted`, or the exception its caller gets).
 
     With `publish_grace_s`, the outbox rows become due for the relay only that much later:
-    the caller publishes them itself once committed (`publish_soon`)."""
+    the caller publishes them itself once committed (`publish_soon`). With `catalog`, the
+    endpoints and event-type schemas come from the process's versioned cache."""
     now = utcnow()
     results: list[Accepted | Exception | None] = [None] * len(items)
     # Repeats of one key inside the batch follow its first item.
@@ -252,9 +260,16 @@ async def store_messages(
     if expired:
         await repository.release_keys(session, expired)
     todo = [i for i in range(len(items)) if results[i] is None and i not in followers]
-    schemas = await repository.event_type_schemas(
-        session, {(items[i].tenant_id, items[i].event_type) for i in todo if items[i].validate}
-    )
+    endpoints: dict[str, list[Any]] | None = None
+    if catalog is not None:
+        wanted: dict[str, set[str]] = {}
+        for i in todo:
+            wanted.setdefault(items[i].tenant_id, set()).add(items[i].event_type)
+        endpoints, schemas = await catalog.fan_out_view(session, wanted)
+    else:
+        schemas = await repository.event_type_schemas(
+            session, {(items[i].tenant_id, items[i].event_type) for i in todo if items[i].validate}
+        )
     rows: dict[int, dict[str, Any]] = {}
     for index in todo:
         item = items[index]
@@ -291,7 +306,7 @@ async def store_messages(
             )
     created = {i: Message(**row) for i, row in rows.items() if row["id"] in inserted}
     fanned, announced = await fan_out_many(
-        session, list(created.values()), now, due_in_s=publish_grace_s
+        session, list(created.values()), now, due_in_s=publish_grace_s, endpoints=endpoints
     )
     for index, message in created.items():
         results[index] = Accepted(message, fanned[message.id], True, announced.get(message.id))
@@ -306,14 +321,19 @@ async def store_messages(
 
 
 async def fan_out_many(
-    session: AsyncSession, stored: Sequence[Message], now: dt.datetime, *, due_in_s: float = 0
+    session: AsyncSession,
+    stored: Sequence[Message],
+    now: dt.datetime,
+    *,
+    due_in_s: float = 0,
+    endpoints: dict[str, list[Any]] | None = None,
 ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, str]]:
     """One delivery per enabled endpoint whose filters accept each message, and one outbox
     row per message that has any (the worker claims all its deliveries at once), due for the
     relay `due_in_s` from now: one insert of each for the whole batch. Returns each message's
     deliveries' columns, and the outbox row id of each message that has deliveries."""
-    endpoints: dict[str, list[Any]] = {}
-    for tenant_id in {m.tenant_id for m in stored}:
+    endpoints = dict(endpoints or {})
+    for tenant_id in {m.tenant_id for m in stored} - set(endpoints):
         endpoints[tenant_id] = await repository.enabled_endpoints(session, tenant_id)
     out: dict[str, list[dict[str, Any]]] = {}
     announced: dict[str, str] = {}

@@ -253,6 +253,52 @@ async def tenant_settings(session: AsyncSession, tenant_id: str) -> TenantSettin
     return await session.get(TenantSettings, tenant_id)
 
 
+async def set_tenant_schedule(
+    session: AsyncSession, tenant_id: str, schedule: list[float] | None
+) -> None:
+    await session.execute(
+        update(TenantSettings)
+        .where(TenantSettings.tenant_id == tenant_id)
+        .values(retry_schedule_s=schedule)
+        .execution_options(synchronize_session=False)
+    )
+
+
+async def tenant_versions(
+    session: AsyncSession, tenant_ids: Sequence[str]
+) -> dict[str, dt.datetime]:
+    """The tenants' catalog versions (see `catalog`), for those that have a settings row."""
+    rows = await session.execute(
+        select(TenantSettings.tenant_id, TenantSettings.updated_at).where(
+            TenantSettings.tenant_id.in_(sorted(set(tenant_ids)))
+        )
+    )
+    return {r[0]: r[1] for r in rows.all()}
+
+
+async def bump_tenant_version(session: AsyncSession, tenant_id: str, now: dt.datetime) -> None:
+    """Move a tenant's catalog version forward (to now, or a microsecond past the current
+    one if that is not earlier), creating its settings row if need be; the row stays locked
+    until the caller's transaction ends."""
+    await session.execute(
+        _insert(session)(TenantSettings)
+        .values(tenant_id=tenant_id, retry_schedule_s=None, updated_at=now)
+        .on_conflict_do_nothing(index_elements=["tenant_id"])
+        .execution_options(synchronize_session=False)
+    )
+    stmt = select(TenantSettings.updated_at).where(TenantSettings.tenant_id == tenant_id)
+    if session.get_bind().dialect.name == "postgresql":
+        stmt = stmt.with_for_update()
+    current = (await session.execute(stmt)).scalar_one()
+    version = max(now, current + dt.timedelta(microseconds=1))
+    await session.execute(
+        update(TenantSettings)
+        .where(TenantSettings.tenant_id == tenant_id)
+        .values(updated_at=version)
+        .execution_options(synchronize_session=False)
+    )
+
+
 async def tenant_schedules(
     session: AsyncSession, tenant_ids: Sequence[str]
 ) -> dict[str, list[float]]:
