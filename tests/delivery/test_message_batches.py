@@ -1,0 +1,186 @@
+"""Group commit of POST /v1/messages and the per-process fan-out cache: concurrent messages
+are stored in one transaction, yet each fails or succeeds on its own; a change made through
+another app instance is seen by the very next message."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+from fastapi import FastAPI
+from sqlalchemy import func, select
+
+from relayport.app import create_app
+from relayport.core.platform import Platform
+from relayport.delivery import messages
+from relayport.delivery.catalog import catalog_of
+from relayport.delivery.messages import Accepted, NewMessage
+from relayport.delivery.models import Message
+from relayport.settings import Settings
+from tests.conftest import Account
+from tests.delivery.conftest import Receiver, eventually
+
+
+async def _count(platform: Platform, tenant_id: str, key: str) -> int:
+    async with platform.db.reads() as session:
+        found = await session.scalar(
+            select(func.count())
+            .select_from(Message)
+            .where(Message.tenant_id == tenant_id, Message.idempotency_key == key)
+        )
+    return int(found or 0)
+
+
+async def test_a_key_repeated_within_one_batch_stores_one_message(
+    platform: Platform, account: Account
+) -> None:
+    writer = messages.writer(platform)
+    before = writer.batches
+    items = [
+        NewMessage(account.tenant_id, "order.created", {"n": i}, None, "same-key") for i in range(3)
+    ]
+    results = await asyncio.gather(*(messages.accept(platform, item) for item in items))
+    assert writer.batches == before + 1  # submitted in one loop turn: one transaction
+    assert len({r.message.id for r in results}) == 1
+    assert [r.created for r in results].count(True) == 1
+    assert await _count(platform, account.tenant_id, "same-key") == 1
+    # A later repeat, in a batch of its own, gets the same message.
+    again = await messages.accept(platform, items[0])
+    assert not again.created and again.message.id == results[0].message.id
+
+
+async def test_a_poisoned_message_fails_alone(platform: Platform, account: Account) -> None:
+    good = [
+        NewMessage(account.tenant_id, "order.created", {"n": i}, None, f"good-{i}")
+        for i in range(3)
+    ]
+    bad = NewMessage("ten_does_not_exist", "order.created", {}, None, "bad")  # FK violation
+    results = await asyncio.gather(
+        *(messages.accept(platform, item) for item in [good[0], bad, good[1], good[2]]),
+        return_exceptions=True,
+    )
+    assert isinstance(results[1], Exception)
+    for result in (results[0], results[2], results[3]):
+        assert isinstance(result, Accepted) and result.created
+    for i in range(3):
+        assert await _count(platform, account.tenant_id, f"good-{i}") == 1
+
+
+async def test_a_payload_breaking_its_schema_is_refused_without_failing_the_batch(
+    client: httpx.AsyncClient, platform: Platform, account: Account
+) -> None:
+    schema = {"type": "object", "required": ["n"]}
+    response = await client.post(
+        "/v1/event-types",
+        json={"name": "order.checked", "schema": schema},
+        headers=account.headers,
+    )
+    assert response.status_code == 201, response.text
+    writer = messages.writer(platform)
+    before = writer.batches
+    items = [
+        NewMessage(account.tenant_id, "order.checked", {"n": 1}, None, "valid"),
+        NewMessage(account.tenant_id, "order.checked", {"x": 1}, None, "invalid"),
+    ]
+    valid, invalid = await asyncio.gather(
+        *(messages.accept(platform, item) for item in items), return_exceptions=True
+    )
+    assert isinstance(valid, Accepted) and valid.created
+    assert isinstance(invalid, Exception) and getattr(invalid, "status", None) == 422
+    assert writer.batches == before + 1  # the refusal did not send the batch item by item
+    assert await _count(platform, account.tenant_id, "invalid") == 0
+
+
+async def test_a_cancelled_caller_does_not_cancel_its_batch(
+    platform: Platform, account: Account
+) -> None:
+    def item(key: str) -> NewMessage:
+        return NewMessage(account.tenant_id, "order.created", {}, None, key)
+
+    gone = asyncio.create_task(messages.accept(platform, item("cancelled")))
+    kept = asyncio.create_task(messages.accept(platform, item("kept")))
+    await asyncio.sleep(0)  # both submitted; their batch starts on the next loop turn
+    gone.cancel()
+    result = await kept
+    assert result.created
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+
+    async def stored() -> bool:
+        return await _count(platform, account.tenant_id, "cancelled") == 1
+
+    await eventually(stored, what="the cancelled caller's message to be stored")
+
+
+async def _post(client: httpx.AsyncClient, account: Account, **body: Any) -> httpx.Response:
+    body = {"event_type": "order.created", "payload": {"n": 1}} | body
+    return await client.post("/v1/messages", json=body, headers=account.headers)
+
+
+async def test_changes_made_through_another_instance_reach_the_next_message(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    settings: Settings,
+    account: Account,
+    receiver: Receiver,
+    platform: Platform,
+) -> None:
+    other_app = create_app(settings)
+    async with LifespanManager(other_app, startup_timeout=30, shutdown_timeout=30):
+        transport = httpx.ASGITransport(app=other_app, client=("203.0.113.8", 50000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as other:
+
+            async def endpoint(via: httpx.AsyncClient, path: str) -> str:
+                response = await via.post(
+                    "/v1/endpoints", json={"url": receiver.url(path)}, headers=account.headers
+                )
+                assert response.status_code == 201, response.text
+                return str(response.json()["id"])
+
+            async def targets() -> set[str]:
+                response = await _post(client, account)
+                assert response.status_code == 202, response.text
+                return {d["endpoint_id"] for d in response.json()["deliveries"]}
+
+            first = await endpoint(client, "/ok/1")
+            assert await targets() == {first}
+            cache = catalog_of(platform)
+            hits = cache.hits
+            assert await targets() == {first}
+            assert cache.hits > hits  # unchanged: served from this instance's cache
+
+            second = await endpoint(other, "/ok/2")  # made through the other instance
+            assert await targets() == {first, second}
+
+            response = await other.patch(
+                f"/v1/endpoints/{first}", json={"enabled": False}, headers=account.headers
+            )
+            assert response.status_code == 200, response.text
+            assert await targets() == {second}
+
+            response = await other.patch(
+                f"/v1/endpoints/{second}",
+                json={"filter_types": ["invoice.*"]},
+                headers=account.headers,
+            )
+            assert response.status_code == 200, response.text
+            assert await targets() == set()
+
+            response = await other.post(
+                "/v1/event-types",
+                json={"name": "order.created", "schema": {"type": "object", "required": ["n"]}},
+                headers=account.headers,
+            )
+            assert response.status_code == 201, response.text
+            refused = await _post(client, account, payload={"x": 1})
+            assert refused.status_code == 422, refused.text
+
+            response = await other.delete(
+                f"/v1/event-types/{'order.created'}", headers=account.headers
+            )
+            assert response.status_code == 204, response.text
+            accepted = await _post(client, account, payload={"x": 1})
+            assert accepted.status_code == 202, accepted.text
