@@ -49,7 +49,8 @@ async def test_a_key_repeated_within_one_batch_stores_one_message(
     assert await _count(platform, account.tenant_id, "same-key") == 1
     # A later repeat, in a batch of its own, gets the same message.
     again = await messages.accept(platform, items[0])
-    assert not again.created and again.message.id == results[0].message.id
+    assert not again.created
+    assert again.message.id == results[0].message.id
 
 
 async def test_a_poisoned_message_fails_alone(platform: Platform, account: Account) -> None:
@@ -64,7 +65,8 @@ async def test_a_poisoned_message_fails_alone(platform: Platform, account: Accou
     )
     assert isinstance(results[1], Exception)
     for result in (results[0], results[2], results[3]):
-        assert isinstance(result, Accepted) and result.created
+        assert isinstance(result, Accepted)
+        assert result.created
     for i in range(3):
         assert await _count(platform, account.tenant_id, f"good-{i}") == 1
 
@@ -88,8 +90,10 @@ async def test_a_payload_breaking_its_schema_is_refused_without_failing_the_batc
     valid, invalid = await asyncio.gather(
         *(messages.accept(platform, item) for item in items), return_exceptions=True
     )
-    assert isinstance(valid, Accepted) and valid.created
-    assert isinstance(invalid, Exception) and getattr(invalid, "status", None) == 422
+    assert isinstance(valid, Accepted)
+    assert valid.created
+    assert isinstance(invalid, Exception)
+    assert getattr(invalid, "status", None) == 422
     assert writer.batches == before + 1  # the refusal did not send the batch item by item
     assert await _count(platform, account.tenant_id, "invalid") == 0
 
