@@ -188,3 +188,25 @@ async def test_changes_made_through_another_instance_reach_the_next_message(
             assert response.status_code == 204, response.text
             accepted = await _post(client, account, payload={"x": 1})
             assert accepted.status_code == 202, accepted.text
+
+
+async def test_a_repeat_gets_its_original_even_after_its_type_gained_a_schema(
+    client: httpx.AsyncClient, account: Account
+) -> None:
+    headers = account.headers | {"Idempotency-Key": "before-schema"}
+    body = {"event_type": "order.created", "payload": {"x": 1}}
+    first = await client.post("/v1/messages", json=body, headers=headers)
+    assert first.status_code == 202, first.text
+    response = await client.post(
+        "/v1/event-types",
+        json={"name": "order.created", "schema": {"type": "object", "required": ["n"]}},
+        headers=account.headers,
+    )
+    assert response.status_code == 201, response.text
+    repeat = await client.post("/v1/messages", json=body, headers=headers)
+    assert repeat.status_code == 200, repeat.text
+    assert repeat.json()["id"] == first.json()["id"]
+    fresh = await client.post(
+        "/v1/messages", json=body, headers=account.headers | {"Idempotency-Key": "after-schema"}
+    )
+    assert fresh.status_code == 422, fresh.text

@@ -250,16 +250,7 @@ async def store_messages(
             followers[index] = leaders[key]
         else:
             leaders[key] = index
-    existing = await repository.messages_by_keys(session, list(leaders))
-    expired = []
-    for key, found in existing.items():
-        if found.created_at > now - dt.timedelta(seconds=idempotency_ttl_s):
-            results[leaders[key]] = Accepted(found, None, False)
-        else:
-            expired.append(found.id)
-    if expired:
-        await repository.release_keys(session, expired)
-    todo = [i for i in range(len(items)) if results[i] is None and i not in followers]
+    todo = [i for i in range(len(items)) if i not in followers]
     endpoints: dict[str, list[Any]] | None = None
     if catalog is not None:
         wanted: dict[str, set[str]] = {}
@@ -271,6 +262,7 @@ async def store_messages(
             session, {(items[i].tenant_id, items[i].event_type) for i in todo if items[i].validate}
         )
     rows: dict[int, dict[str, Any]] = {}
+    refused: dict[int, ValidationFailed] = {}
     for index in todo:
         item = items[index]
         schema = schemas.get((item.tenant_id, item.event_type)) if item.validate else None
@@ -278,7 +270,7 @@ async def store_messages(
             try:
                 _check_payload(schema, item.payload)
             except ValidationFailed as exc:
-                results[index] = exc
+                refused[index] = exc
                 continue
         rows[index] = {
             "id": new_id("msg"),
@@ -289,22 +281,43 @@ async def store_messages(
             "body": body_of(item.event_type, item.payload, now),
             "created_at": now,
         }
+    # Insert first: a new key (the common case) costs no lookup. A key already taken shows as
+    # a row not inserted, and only those keys (and those of refused payloads, since a repeat
+    # gets its original even if the schema changed since) are looked up.
     inserted = await repository.insert_messages(session, list(rows.values()))
-    lost = [i for i, row in rows.items() if row["id"] not in inserted]
-    if lost:
-        # A concurrent request with the same key won the insert and has committed.
-        winners = await repository.messages_by_keys(
-            session, [(items[i].tenant_id, items[i].idempotency_key or "") for i in lost]
+    taken = [i for i, row in rows.items() if row["id"] not in inserted]
+    check = taken + [i for i in refused if items[i].idempotency_key is not None]
+    if check:
+        existing = await repository.messages_by_keys(
+            session, [(items[i].tenant_id, items[i].idempotency_key or "") for i in check]
         )
-        for index in lost:
-            item = items[index]
-            winner = winners.get((item.tenant_id, item.idempotency_key or ""))
-            results[index] = (
-                Accepted(winner, None, False)
-                if winner is not None
-                else Conflict("a concurrent request used this key", slug="idempotency-conflict")
-            )
-    created = {i: Message(**row) for i, row in rows.items() if row["id"] in inserted}
+        fresh_after = now - dt.timedelta(seconds=idempotency_ttl_s)
+        expired: dict[int, str] = {}
+        for index in check:
+            found = existing.get((items[index].tenant_id, items[index].idempotency_key or ""))
+            if found is not None and found.created_at > fresh_after:
+                results[index] = Accepted(found, None, False)
+            elif found is not None and index in rows:
+                expired[index] = found.id  # older than the window: the key starts anew
+            elif index in rows:  # pragma: no cover - the holder was deleted in between
+                results[index] = Conflict(
+                    "a concurrent request used this key", slug="idempotency-conflict"
+                )
+        if expired:
+            await repository.release_keys(session, list(expired.values()))
+            again = await repository.insert_messages(session, [rows[i] for i in expired])
+            inserted |= again
+            for index in expired:
+                if rows[index]["id"] not in again:  # pragma: no cover - a concurrent repeat
+                    results[index] = Conflict(
+                        "a concurrent request used this key", slug="idempotency-conflict"
+                    )
+    for index, refusal in refused.items():
+        if results[index] is None:
+            results[index] = refusal
+    created = {
+        i: Message(**row) for i, row in rows.items() if row["id"] in inserted and results[i] is None
+    }
     fanned, announced = await fan_out_many(
         session, list(created.values()), now, due_in_s=publish_grace_s, endpoints=endpoints
     )

@@ -44,8 +44,35 @@ class Job:
     endpoint: Endpoint
     message: Message
     attempt: int
-    schedule: Sequence[float]
+    schedules: TenantSchedules
     lease_until: dt.datetime
+
+    async def schedule(self, platform: Platform) -> Sequence[float]:
+        """The endpoint's own retry schedule, else its tenant's, else the platform's."""
+        return (
+            self.endpoint.retry_schedule_s
+            or await self.schedules.get(self.endpoint.tenant_id)
+            or platform.settings.delivery.retry_schedule_s
+        )
+
+
+class TenantSchedules:
+    """The own retry schedules of a claim batch's tenants, read once, on first need: only a
+    failed attempt needs one, so the healthy path never reads them."""
+
+    def __init__(self, platform: Platform, tenant_ids: set[str]) -> None:
+        self._platform = platform
+        self._tenant_ids = tenant_ids
+        self._loaded: asyncio.Future[dict[str, list[float]]] | None = None
+
+    async def get(self, tenant_id: str) -> list[float] | None:
+        if self._loaded is None:
+            self._loaded = asyncio.ensure_future(self._load())
+        return (await asyncio.shield(self._loaded)).get(tenant_id)
+
+    async def _load(self) -> dict[str, list[float]]:
+        async with self._platform.db.reads() as session:
+            return await repository.tenant_schedules(session, sorted(self._tenant_ids))
 
 
 @dataclass(slots=True)
@@ -154,21 +181,15 @@ async def claim_batch(
     messages, endpoints = await repository.load_for_send(
         session, [c[2] for c in claimed], [c[1] for c in claimed]
     )
-    schedules = await repository.tenant_schedules(session, [m.tenant_id for m in messages.values()])
+    schedules = TenantSchedules(platform, {m.tenant_id for m in messages.values()})
     by_ref: dict[str, list[Job]] = {}
     for delivery_id, endpoint_id, message_id, attempt in claimed:
         endpoint, message = endpoints.get(endpoint_id), messages.get(message_id)
         if endpoint is None or message is None:
             continue  # deleted with its endpoint after the claim
-        # The endpoint's own schedule, else its tenant's, else the platform's.
-        schedule = (
-            endpoint.retry_schedule_s
-            or schedules.get(endpoint.tenant_id)
-            or settings.retry_schedule_s
-        )
         ref = delivery_id if delivery_id in singles else message_id
         by_ref.setdefault(ref, []).append(
-            Job(delivery_id, endpoint, message, attempt, schedule, lease_until)
+            Job(delivery_id, endpoint, message, attempt, schedules, lease_until)
         )
     return [by_ref.pop(ref, []) for ref in refs]
 
@@ -314,7 +335,7 @@ async def _deliver(
         outcome.status, outcome.gone = "dead", True
         outcome.error = "HTTP 410: the endpoint is gone (disabled)"
         return outcome
-    delay = retry.delay_after(attempt, job.schedule, jitter=settings.retry_jitter)
+    delay = retry.delay_after(attempt, await job.schedule(platform), jitter=settings.retry_jitter)
     if delay is None:
         outcome.status = "dead"
         return outcome
