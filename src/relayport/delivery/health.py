@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import insert, update
+from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from relayport.core import audit
@@ -31,7 +31,7 @@ from relayport.delivery.metrics import (
     DELIVERIES,
     END_TO_END,
 )
-from relayport.delivery.models import Attempt, Endpoint
+from relayport.delivery.models import Endpoint
 from relayport.delivery.transport import Transport
 
 if TYPE_CHECKING:
@@ -130,8 +130,7 @@ async def record(
     ]
     enqueued = False
     attempt_rows = _attempt_rows(outcomes)
-    if attempt_rows:
-        await session.execute(insert(Attempt), attempt_rows)
+    await repository.insert_attempts(session, attempt_rows)
     await repository.finish(session, rows)
     by_endpoint: dict[str, list[Outcome]] = {}
     for o in outcomes:

@@ -21,7 +21,6 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import aliased
 
 from relayport.core.outbox import OutboxMessage
 from relayport.core.repository import TenantRepository
@@ -69,6 +68,15 @@ class AttemptRepository(TenantRepository[Attempt]):
     not_found_detail = "no such attempt"
 
 
+# Core tables for the hot statements: ORM-enabled DML costs a good deal more per statement.
+_table = cast(Table, Delivery.__table__)
+_d = _table.c
+_messages = cast(Table, Message.__table__)
+_outbox = cast(Table, OutboxMessage.__table__)
+_attempts = cast(Table, Attempt.__table__)
+_tenant_settings = cast(Table, TenantSettings.__table__)
+
+
 def _insert(session: AsyncSession) -> Any:
     return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
 
@@ -80,12 +88,13 @@ async def insert_messages(session: AsyncSession, rows: Sequence[dict[str, Any]])
     if not rows:
         return set()
     stmt = (
-        _insert(session)(Message)
+        _insert(session)(_messages)
         .values(list(rows))
         .on_conflict_do_nothing(index_elements=["tenant_id", "idempotency_key"])
-        .returning(Message.id)
+        .returning(_messages.c.id)
     )
-    return set((await session.execute(stmt)).scalars())
+    conn = await session.connection()
+    return set((await conn.execute(stmt)).scalars())
 
 
 async def messages_by_keys(
@@ -145,19 +154,26 @@ async def mark_announced(
     session: AsyncSession, outbox_ids: Sequence[str], now: dt.datetime
 ) -> None:
     """Mark outbox rows whose message a worker received as sent (those still unsent)."""
-    await session.execute(
-        update(OutboxMessage)
-        .where(OutboxMessage.id.in_(sorted(set(outbox_ids))), OutboxMessage.sent_at.is_(None))
-        .values(sent_at=now, attempts=OutboxMessage.attempts + 1)
-        .execution_options(synchronize_session=False)
+    conn = await session.connection()
+    await conn.execute(
+        update(_outbox)
+        .where(_outbox.c.id.in_(sorted(set(outbox_ids))), _outbox.c.sent_at.is_(None))
+        .values(sent_at=now, attempts=_outbox.c.attempts + 1)
     )
+
+
+async def insert_attempts(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> None:
+    """Attempt rows, in one executemany."""
+    if rows:
+        conn = await session.connection()
+        await conn.execute(insert(_attempts), list(rows))
 
 
 async def insert_outbox(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> None:
     """Outbox rows (`outbox_values`), in one executemany."""
     if rows:
         conn = await session.connection()
-        await conn.execute(insert(OutboxMessage), list(rows))
+        await conn.execute(insert(_outbox), list(rows))
 
 
 async def enabled_endpoints(session: AsyncSession, tenant_id: str) -> list[Any]:
@@ -195,13 +211,13 @@ async def delete_endpoint_rows(session: AsyncSession, endpoint_id: str) -> None:
 
 def _build_fifo_free() -> Any:
     # A FIFO delivery waits while an older delivery to the same endpoint is unfinished.
-    older = aliased(Delivery)
+    older = _table.alias("older")
     return or_(
-        Delivery.fifo.is_(False),
+        _d.fifo.is_(False),
         ~exists().where(
-            older.endpoint_id == Delivery.endpoint_id,
-            older.id < Delivery.id,
-            older.status.not_in(FINISHED),
+            older.c.endpoint_id == _d.endpoint_id,
+            older.c.id < _d.id,
+            older.c.status.not_in(FINISHED),
         ),
     )
 
@@ -227,24 +243,21 @@ async def claim(
 
     One guarded UPDATE: two workers handed the same work cannot both win a row.
     """
-    stmt = update(Delivery).where(
-        Delivery.status.in_(("pending", "retrying")),
-        Delivery.next_attempt_at <= now,
+    stmt = update(_table).where(
+        _d.status.in_(("pending", "retrying")),
+        _d.next_attempt_at <= now,
         _fifo_free(),
+        or_(_d.message_id.in_(list(message_ids)), _d.id.in_(list(delivery_ids))),
     )
-    stmt = stmt.where(
-        or_(Delivery.message_id.in_(list(message_ids)), Delivery.id.in_(list(delivery_ids)))
-    )
-    result = await session.execute(
+    conn = await session.connection()
+    result = await conn.execute(
         stmt.values(
             status="sending",
-            attempts=Delivery.attempts + 1,
+            attempts=_d.attempts + 1,
             locked_until=lease_until,
             next_attempt_at=lease_until,
             updated_at=now,
-        )
-        .returning(Delivery.id, Delivery.endpoint_id, Delivery.message_id, Delivery.attempts)
-        .execution_options(synchronize_session=False)
+        ).returning(_d.id, _d.endpoint_id, _d.message_id, _d.attempts)
     )
     return [(r[0], r[1], r[2], r[3]) for r in result.all()]
 
@@ -268,9 +281,10 @@ async def tenant_versions(
     session: AsyncSession, tenant_ids: Sequence[str]
 ) -> dict[str, dt.datetime]:
     """The tenants' catalog versions (see `catalog`), for those that have a settings row."""
-    rows = await session.execute(
-        select(TenantSettings.tenant_id, TenantSettings.updated_at).where(
-            TenantSettings.tenant_id.in_(sorted(set(tenant_ids)))
+    conn = await session.connection()
+    rows = await conn.execute(
+        select(_tenant_settings.c.tenant_id, _tenant_settings.c.updated_at).where(
+            _tenant_settings.c.tenant_id.in_(sorted(set(tenant_ids)))
         )
     )
     return {r[0]: r[1] for r in rows.all()}
@@ -322,10 +336,6 @@ async def load_for_send(
         await session.execute(select(Endpoint).where(Endpoint.id.in_(set(endpoint_ids))))
     ).scalars()
     return {m.id: m for m in messages}, {e.id: e for e in endpoints}
-
-
-_table = cast(Table, Delivery.__table__)
-_d = _table.c
 
 
 async def finish(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> None:
