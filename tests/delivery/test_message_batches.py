@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from sqlalchemy import func, select
 
 from relayport.app import create_app
+from relayport.core.outbox import OutboxMessage
 from relayport.core.platform import Platform
 from relayport.delivery import messages
 from relayport.delivery.catalog import catalog_of
@@ -21,7 +22,13 @@ from relayport.delivery.messages import Accepted, NewMessage
 from relayport.delivery.models import Message
 from relayport.settings import Settings
 from tests.conftest import Account
-from tests.delivery.conftest import Receiver, eventually
+from tests.delivery.conftest import (
+    Receiver,
+    create_endpoint,
+    eventually,
+    send_message,
+    wait_for_delivery,
+)
 
 
 async def _count(platform: Platform, tenant_id: str, key: str) -> int:
@@ -210,3 +217,45 @@ async def test_a_repeat_gets_its_original_even_after_its_type_gained_a_schema(
         "/v1/messages", json=body, headers=account.headers | {"Idempotency-Key": "after-schema"}
     )
     assert fresh.status_code == 422, fresh.text
+
+
+async def _outbox_row(platform: Platform, message_id: str) -> OutboxMessage | None:
+    async with platform.db.reads() as session:
+        found = await session.scalar(
+            select(OutboxMessage).where(OutboxMessage.payload == message_id.encode())
+        )
+    return found
+
+
+@pytest.mark.usefixtures("worker")
+async def test_a_message_is_published_at_once_and_its_claim_marks_its_outbox_row(
+    client: httpx.AsyncClient, account: Account, receiver: Receiver, platform: Platform
+) -> None:
+    await create_endpoint(client, account, receiver.url("/ok"))
+    message = await send_message(client, account)
+    await wait_for_delivery(client, account, message["id"], "succeeded")
+    row = await _outbox_row(platform, message["id"])
+    assert row is not None
+    # Due for the relay only after the grace, yet sent: the worker's claim marked it.
+    assert row.available_at > row.created_at
+    assert row.sent_at is not None
+    assert row.sent_at < row.available_at
+
+
+@pytest.mark.usefixtures("worker")
+async def test_a_message_whose_direct_publish_was_lost_is_sent_by_the_relay(
+    client: httpx.AsyncClient,
+    account: Account,
+    receiver: Receiver,
+    platform: Platform,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def lost(*_args: Any) -> None:  # as if the process died right after the commit
+        return None
+
+    monkeypatch.setattr(messages, "_publish", lost)
+    monkeypatch.setattr(messages, "DIRECT_PUBLISH_GRACE_S", 0.3)
+    await create_endpoint(client, account, receiver.url("/ok"))
+    message = await send_message(client, account)
+    await wait_for_delivery(client, account, message["id"], "succeeded")
+    assert [r.headers["webhook-id"] for r in receiver.at("/ok")] == [message["id"]]

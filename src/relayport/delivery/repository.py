@@ -150,12 +150,9 @@ async def event_type_schemas(
     return {(r[0], r[1]): r[2] for r in rows if r[2] is not None}
 
 
-async def mark_announced(
-    session: AsyncSession, outbox_ids: Sequence[str], now: dt.datetime
-) -> None:
+def _mark_announced(outbox_ids: Sequence[str], now: dt.datetime) -> Any:
     """Mark outbox rows whose message a worker received as sent (those still unsent)."""
-    conn = await session.connection()
-    await conn.execute(
+    return (
         update(_outbox)
         .where(_outbox.c.id.in_(sorted(set(outbox_ids))), _outbox.c.sent_at.is_(None))
         .values(sent_at=now, attempts=_outbox.c.attempts + 1)
@@ -237,11 +234,14 @@ async def claim(
     lease_until: dt.datetime,
     message_ids: Sequence[str] = (),
     delivery_ids: Sequence[str] = (),
+    announced: Sequence[str] = (),
 ) -> list[tuple[str, str, str, int]]:
     """Take the due deliveries of some messages and some single deliveries for one attempt
     each: (delivery id, endpoint id, message id, attempt number).
 
-    One guarded UPDATE: two workers handed the same work cannot both win a row.
+    One guarded UPDATE: two workers handed the same work cannot both win a row. `announced`
+    are the outbox rows of the broker messages that named them, marked sent in the same
+    statement on PostgreSQL (a data-modifying CTE), just before it on SQLite.
     """
     stmt = update(_table).where(
         _d.status.in_(("pending", "retrying")),
@@ -250,6 +250,10 @@ async def claim(
         or_(_d.message_id.in_(list(message_ids)), _d.id.in_(list(delivery_ids))),
     )
     conn = await session.connection()
+    if announced and conn.dialect.name == "postgresql":
+        stmt = stmt.add_cte(_mark_announced(announced, now).returning(_outbox.c.id).cte("marked"))
+    elif announced:
+        await conn.execute(_mark_announced(announced, now))
     result = await conn.execute(
         stmt.values(
             status="sending",
@@ -327,15 +331,23 @@ async def tenant_schedules(
 
 
 async def load_for_send(
-    session: AsyncSession, message_ids: Sequence[str], endpoint_ids: Sequence[str]
+    session: AsyncSession, delivery_ids: Sequence[str]
 ) -> tuple[dict[str, Message], dict[str, Endpoint]]:
-    messages = (
-        await session.execute(select(Message).where(Message.id.in_(set(message_ids))))
-    ).scalars()
-    endpoints = (
-        await session.execute(select(Endpoint).where(Endpoint.id.in_(set(endpoint_ids))))
-    ).scalars()
-    return {m.id: m for m in messages}, {e.id: e for e in endpoints}
+    """The messages and endpoints of some deliveries, by id, in one query (a message with
+    many deliveries comes back on each of their rows, but is built once)."""
+    rows = await session.execute(
+        select(Message, Endpoint)
+        .select_from(Delivery)
+        .join(Message, Message.id == Delivery.message_id)
+        .join(Endpoint, Endpoint.id == Delivery.endpoint_id)
+        .where(Delivery.id.in_(sorted(set(delivery_ids))))
+    )
+    messages: dict[str, Message] = {}
+    endpoints: dict[str, Endpoint] = {}
+    for message, endpoint in rows.all():
+        messages[message.id] = message
+        endpoints[endpoint.id] = endpoint
+    return messages, endpoints
 
 
 async def finish(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> None:

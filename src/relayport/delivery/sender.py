@@ -121,13 +121,11 @@ def _claims(platform: Platform) -> GroupCommit[tuple[str, str | None], list[Job]
         async def write(
             session: AsyncSession, items: Sequence[tuple[str, str | None]]
         ) -> list[Any]:
+            # The broker messages' outbox rows (most were published straight after the commit
+            # that made them, `messages.publish_soon`) are marked sent with the claim: from
+            # here on the deliveries' leases stand for them.
             announced = [a for _, a in items if a is not None]
-            if announced:
-                # Their announcements were published straight after the commit that made them
-                # (`messages.publish_soon`): from this claim on, the deliveries' leases stand
-                # for them, and the relay must not publish them again.
-                await repository.mark_announced(session, announced, utcnow())
-            return await claim_batch(platform, session, [ref for ref, _ in items])
+            return await claim_batch(platform, session, [ref for ref, _ in items], announced)
 
         found = platform.extras[_CLAIMS_KEY] = _committer(platform, write, "delivery.claims")
     assert isinstance(found, GroupCommit)
@@ -160,7 +158,10 @@ def _committer(platform: Platform, write: Any, name: str) -> GroupCommit[Any, An
 
 
 async def claim_batch(
-    platform: Platform, session: AsyncSession, refs: Sequence[str]
+    platform: Platform,
+    session: AsyncSession,
+    refs: Sequence[str],
+    announced: Sequence[str] = (),
 ) -> list[list[Job]]:
     """Claim the due deliveries `refs` name (a message id: all of its deliveries; a delivery
     id: that one) and read what their sends need, in the caller's transaction: the jobs of
@@ -175,12 +176,11 @@ async def claim_batch(
         lease_until=lease_until,
         message_ids=sorted({r for r in refs if r.startswith("msg_")}),
         delivery_ids=sorted(singles),
+        announced=announced,
     )
     if not claimed:
         return [[] for _ in refs]  # duplicates, work another worker holds, or not due yet
-    messages, endpoints = await repository.load_for_send(
-        session, [c[2] for c in claimed], [c[1] for c in claimed]
-    )
+    messages, endpoints = await repository.load_for_send(session, [c[0] for c in claimed])
     schedules = TenantSchedules(platform, {m.tenant_id for m in messages.values()})
     by_ref: dict[str, list[Job]] = {}
     for delivery_id, endpoint_id, message_id, attempt in claimed:
