@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 from relayport.app import create_app
 from relayport.core.outbox import OutboxMessage
 from relayport.core.platform import Platform
-from relayport.delivery import messages
+from relayport.delivery import messages, sender
 from relayport.delivery.catalog import catalog_of
 from relayport.delivery.messages import Accepted, NewMessage
 from relayport.delivery.models import Message
@@ -259,3 +259,33 @@ async def test_a_message_whose_direct_publish_was_lost_is_sent_by_the_relay(
     message = await send_message(client, account)
     await wait_for_delivery(client, account, message["id"], "succeeded")
     assert [r.headers["webhook-id"] for r in receiver.at("/ok")] == [message["id"]]
+
+
+@pytest.mark.usefixtures("worker")
+async def test_a_hanging_endpoint_holds_only_its_own_broker_message(
+    client: httpx.AsyncClient, account: Account, receiver: Receiver, platform: Platform
+) -> None:
+    await create_endpoint(client, account, receiver.url("/hang"), filter_types=["slow.event"])
+    await create_endpoint(client, account, receiver.url("/ok"), filter_types=["fast.event"])
+    # Stored without being announced (not due for the relay for a minute), so only the calls
+    # below send them.
+    async with platform.db.transaction() as session:
+        stored = await messages.store_messages(
+            session,
+            [
+                NewMessage(account.tenant_id, "slow.event", {}),
+                NewMessage(account.tenant_id, "fast.event", {}),
+            ],
+            idempotency_ttl_s=60,
+            publish_grace_s=60,
+        )
+    slow_id, fast_id = (s.message.id for s in stored if isinstance(s, Accepted))
+    claims = sender._claims(platform)
+    before = claims.batches
+    slow = asyncio.create_task(sender.send_ref(platform, slow_id))
+    fast = asyncio.create_task(sender.send_ref(platform, fast_id))
+    assert await asyncio.wait_for(fast, 10) == 1  # sent and recorded: its message is acked
+    assert claims.batches == before + 1  # both were claimed in one transaction
+    assert not slow.done()  # still waiting for its receiver (up to the 2 s total timeout)
+    assert receiver.at("/ok")
+    assert await asyncio.wait_for(slow, 10) == 1
