@@ -289,3 +289,21 @@ async def test_a_hanging_endpoint_holds_only_its_own_broker_message(
     assert not slow.done()  # still waiting for its receiver (up to the 2 s total timeout)
     assert receiver.at("/ok")
     assert await asyncio.wait_for(slow, 10) == 1
+
+
+@pytest.mark.usefixtures("worker")
+async def test_an_endpoint_the_worker_disables_gets_no_further_deliveries(
+    client: httpx.AsyncClient, account: Account, receiver: Receiver, platform: Platform
+) -> None:
+    gone = await create_endpoint(client, account, receiver.url("/410"))
+    kept = await create_endpoint(client, account, receiver.url("/ok"))
+    first = await send_message(client, account)  # also fills this process's fan-out cache
+    assert {d["endpoint_id"] for d in first["deliveries"]} == {gone["id"], kept["id"]}
+
+    async def disabled() -> bool:
+        response = await client.get(f"/v1/endpoints/{gone['id']}", headers=account.headers)
+        return response.json()["enabled"] is False
+
+    await eventually(disabled, what="the 410 to disable the endpoint")
+    second = await send_message(client, account)
+    assert {d["endpoint_id"] for d in second["deliveries"]} == {kept["id"]}

@@ -135,10 +135,22 @@ async def record(
     by_endpoint: dict[str, list[Outcome]] = {}
     for o in outcomes:
         by_endpoint.setdefault(o.endpoint.id, []).append(o)
+    enabled_before = {e.id for e in (m[0].endpoint for m in by_endpoint.values()) if e.enabled}
     for mine in by_endpoint.values():
         enqueued |= await _endpoint_health(
             platform, transport, session, mine[0].endpoint, mine, now
         )
+    # Fan-out must skip the endpoints disabled here from now on. The tenant's version row is
+    # locked after the endpoint rows, in the order every endpoint change takes them (see
+    # `service`), so this cannot deadlock with one.
+    await catalog.bump(
+        session,
+        [
+            m[0].endpoint.tenant_id
+            for m in by_endpoint.values()
+            if m[0].endpoint.id in enabled_before and not m[0].endpoint.enabled
+        ],
+    )
     for o in outcomes:
         if o.status == "dead" and o.sent and o.message.event_type not in filters.OPERATIONAL_TYPES:
             enqueued |= await _operational(
@@ -251,8 +263,6 @@ async def _endpoint_health(
         reason = "failing"
     if reason is not None and endpoint.enabled:
         values |= {"enabled": False, "disabled_reason": reason}
-    if "enabled" in values:
-        await catalog.bump(session, [endpoint.tenant_id])  # fan-out skips it from now on
     if values:
         stmt = update(Endpoint).where(Endpoint.id == endpoint.id)
         if "circuit_state" in values and values["circuit_state"] == "open" and probe is None:

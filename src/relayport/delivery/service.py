@@ -110,7 +110,7 @@ async def create_endpoint(
         endpoint.ed25519_public_key = public
     seal(keyring, endpoint, stored)
     repository.EndpointRepository(session, principal.tenant_id).add(endpoint)
-    await catalog.bump(session, [principal.tenant_id])
+    await _changed(session, principal.tenant_id)
     _audit(session, principal, "endpoint.created", endpoint.id, ip)
     return endpoint, secret
 
@@ -143,7 +143,7 @@ async def update_endpoint(
     elif changes.get("enabled") is False:
         endpoint.disabled_reason = "manual"
     endpoint.updated_at = utcnow()
-    await catalog.bump(session, [principal.tenant_id])
+    await _changed(session, principal.tenant_id)
     _audit(session, principal, "endpoint.updated", endpoint.id, ip, {"fields": sorted(changes)})
     return endpoint
 
@@ -153,7 +153,7 @@ async def delete_endpoint(
 ) -> None:
     endpoint = await repository.EndpointRepository(session, principal.tenant_id).get(endpoint_id)
     await repository.delete_endpoint_rows(session, endpoint.id)
-    await catalog.bump(session, [principal.tenant_id])
+    await _changed(session, principal.tenant_id)
     _audit(session, principal, "endpoint.deleted", endpoint.id, ip)
 
 
@@ -217,6 +217,14 @@ async def rotate_secret(
     endpoint.updated_at = now
     _audit(session, principal, "endpoint.secret_rotated", endpoint.id, ip, {"grace_s": grace})
     return endpoint, value
+
+
+async def _changed(session: AsyncSession, tenant_id: str) -> None:
+    """Move the tenant's fan-out version (see `catalog`) after writing the endpoint or event
+    type rows: endpoint rows first, then the version row, is the order the worker's
+    auto-disable takes them too, so the two cannot deadlock."""
+    await session.flush()
+    await catalog.bump(session, [tenant_id])
 
 
 def _audit(
@@ -295,7 +303,7 @@ async def create_event_type(
         updated_at=now,
     )
     repo.add(event_type)
-    await catalog.bump(session, [principal.tenant_id])
+    await _changed(session, principal.tenant_id)
     _audit(session, principal, "event_type.created", event_type.id, ip, {"name": name})
     return event_type
 
@@ -322,7 +330,7 @@ async def update_event_type(
     if changes.get("description") is not None:
         event_type.description = changes["description"]
     event_type.updated_at = utcnow()
-    await catalog.bump(session, [principal.tenant_id])
+    await _changed(session, principal.tenant_id)
     _audit(session, principal, "event_type.updated", event_type.id, ip)
     return event_type
 
@@ -332,5 +340,5 @@ async def delete_event_type(
 ) -> None:
     event_type = await get_event_type(session, principal.tenant_id, name)
     await session.delete(event_type)
-    await catalog.bump(session, [principal.tenant_id])
+    await _changed(session, principal.tenant_id)
     _audit(session, principal, "event_type.deleted", event_type.id, ip, {"name": name})
