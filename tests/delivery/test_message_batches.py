@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 from relayport.app import create_app
 from relayport.core.outbox import OutboxMessage
 from relayport.core.platform import Platform
-from relayport.delivery import messages, sender
+from relayport.delivery import intake, messages, sender
 from relayport.delivery.catalog import catalog_of
 from relayport.delivery.messages import Accepted, NewMessage
 from relayport.delivery.models import Message
@@ -44,18 +44,18 @@ async def _count(platform: Platform, tenant_id: str, key: str) -> int:
 async def test_a_key_repeated_within_one_batch_stores_one_message(
     platform: Platform, account: Account
 ) -> None:
-    writer = messages.writer(platform)
+    writer = intake.writer(platform)
     before = writer.batches
     items = [
         NewMessage(account.tenant_id, "order.created", {"n": i}, None, "same-key") for i in range(3)
     ]
-    results = await asyncio.gather(*(messages.accept(platform, item) for item in items))
+    results = await asyncio.gather(*(intake.accept(platform, item) for item in items))
     assert writer.batches == before + 1  # submitted in one loop turn: one transaction
     assert len({r.message.id for r in results}) == 1
     assert [r.created for r in results].count(True) == 1
     assert await _count(platform, account.tenant_id, "same-key") == 1
     # A later repeat, in a batch of its own, gets the same message.
-    again = await messages.accept(platform, items[0])
+    again = await intake.accept(platform, items[0])
     assert not again.created
     assert again.message.id == results[0].message.id
 
@@ -67,7 +67,7 @@ async def test_a_poisoned_message_fails_alone(platform: Platform, account: Accou
     ]
     bad = NewMessage("ten_does_not_exist", "order.created", {}, None, "bad")  # FK violation
     results = await asyncio.gather(
-        *(messages.accept(platform, item) for item in [good[0], bad, good[1], good[2]]),
+        *(intake.accept(platform, item) for item in [good[0], bad, good[1], good[2]]),
         return_exceptions=True,
     )
     assert isinstance(results[1], Exception)
@@ -88,14 +88,14 @@ async def test_a_payload_breaking_its_schema_is_refused_without_failing_the_batc
         headers=account.headers,
     )
     assert response.status_code == 201, response.text
-    writer = messages.writer(platform)
+    writer = intake.writer(platform)
     before = writer.batches
     items = [
         NewMessage(account.tenant_id, "order.checked", {"n": 1}, None, "valid"),
         NewMessage(account.tenant_id, "order.checked", {"x": 1}, None, "invalid"),
     ]
     valid, invalid = await asyncio.gather(
-        *(messages.accept(platform, item) for item in items), return_exceptions=True
+        *(intake.accept(platform, item) for item in items), return_exceptions=True
     )
     assert isinstance(valid, Accepted)
     assert valid.created
@@ -111,8 +111,8 @@ async def test_a_cancelled_caller_does_not_cancel_its_batch(
     def item(key: str) -> NewMessage:
         return NewMessage(account.tenant_id, "order.created", {}, None, key)
 
-    gone = asyncio.create_task(messages.accept(platform, item("cancelled")))
-    kept = asyncio.create_task(messages.accept(platform, item("kept")))
+    gone = asyncio.create_task(intake.accept(platform, item("cancelled")))
+    kept = asyncio.create_task(intake.accept(platform, item("kept")))
     await asyncio.sleep(0)  # both submitted; their batch starts on the next loop turn
     gone.cancel()
     result = await kept
@@ -253,8 +253,8 @@ async def test_a_message_whose_direct_publish_was_lost_is_sent_by_the_relay(
     async def lost(*_args: Any) -> None:  # as if the process died right after the commit
         return None
 
-    monkeypatch.setattr(messages, "_publish", lost)
-    monkeypatch.setattr(messages, "DIRECT_PUBLISH_GRACE_S", 0.3)
+    monkeypatch.setattr(intake, "_publish", lost)
+    monkeypatch.setattr(intake, "DIRECT_PUBLISH_GRACE_S", 0.3)
     await create_endpoint(client, account, receiver.url("/ok"))
     message = await send_message(client, account)
     await wait_for_delivery(client, account, message["id"], "succeeded")

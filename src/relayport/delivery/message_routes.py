@@ -19,7 +19,7 @@ from relayport.core.deps import (
     client_ip,
 )
 from relayport.core.schemas import ListResponse
-from relayport.delivery import health, messages, service
+from relayport.delivery import health, intake, messages, service
 from relayport.delivery.models import Attempt, Delivery, EventType, Message
 from relayport.delivery.repository import (
     AttemptRepository,
@@ -164,7 +164,7 @@ async def create_message(
     Role: operator."""
     # Stored together with the messages other requests post at the same moment (one
     # transaction for all of them); this returns once that transaction has committed.
-    accepted = await messages.accept(
+    accepted = await intake.accept(
         platform,
         messages.NewMessage(
             principal.tenant_id,

@@ -2,12 +2,12 @@
 matching endpoint, and send finished deliveries round again. Takes a session, never commits.
 
 A message, its deliveries and the outbox row that announces it commit in one transaction, so
-a message is never stored without being sent nor sent without being stored.
+a message is never stored without being sent nor sent without being stored. `intake` groups
+the calls of concurrent requests into one transaction.
 """
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import logging
 from collections.abc import Sequence
@@ -23,12 +23,11 @@ from relayport.core import audit
 from relayport.core.auth.principal import Principal
 from relayport.core.db import utcnow
 from relayport.core.errors import Conflict, ValidationFailed
-from relayport.core.groupcommit import GroupCommit, sqlite_write_lock
 from relayport.core.ids import new_id
 from relayport.core.outbox import enqueue, outbox_values
 from relayport.core.platform import Platform
 from relayport.delivery import filters, repository
-from relayport.delivery.catalog import Catalog, catalog_of
+from relayport.delivery.catalog import Catalog
 from relayport.delivery.models import Message
 
 log = logging.getLogger("relayport.delivery")
@@ -36,12 +35,6 @@ log = logging.getLogger("relayport.delivery")
 QUEUE = "delivery.send"
 MAX_SCHEMA_ERRORS = 10
 WAKE_KEY = "outbox.wake"
-_WRITER_KEY = "delivery.message_writer"
-_PUBLISHING_KEY = "delivery.publishing"
-# How long a message's outbox row waits for its direct publish before the relay sends it.
-DIRECT_PUBLISH_GRACE_S = 10.0
-MAX_BATCH = 256
-BATCH_CONCURRENCY = 4  # PostgreSQL: batches written at once by one process
 
 
 def wake(platform: Platform) -> None:
@@ -113,85 +106,6 @@ class Accepted:
     announcement: str | None = None
 
 
-def writer(platform: Platform) -> GroupCommit[NewMessage, Accepted]:
-    """The process's group committer for new messages (made on first use)."""
-    found = platform.extras.get(_WRITER_KEY)
-    if found is None:
-        ttl = platform.settings.delivery.idempotency_ttl_s
-        cache = catalog_of(platform)
-        sqlite = platform.db.dialect == "sqlite"
-
-        async def write(session: AsyncSession, items: Sequence[NewMessage]) -> list[Any]:
-            return await store_messages(
-                session,
-                items,
-                idempotency_ttl_s=ttl,
-                publish_grace_s=DIRECT_PUBLISH_GRACE_S,
-                catalog=cache,
-            )
-
-        found = platform.extras[_WRITER_KEY] = GroupCommit(
-            platform.db,
-            write,
-            name="delivery.messages",
-            max_items=MAX_BATCH,
-            max_wait_s=0,  # batches form while the previous one is being written
-            # SQLite has one writer: concurrent batches would only wait on its lock.
-            concurrency=1 if sqlite else BATCH_CONCURRENCY,
-            lock=sqlite_write_lock(platform),
-            on_commit=lambda results: publish_soon(platform, results),
-        )
-    assert isinstance(found, GroupCommit)
-    return found
-
-
-def publish_soon(platform: Platform, results: Sequence[Accepted | Exception]) -> None:
-    """Announce a committed batch's new messages to the broker now, from this process,
-    instead of waiting for the outbox relay's poll: the relay would add its poll interval and
-    a transaction to every message's latency. Their outbox rows stay due only after
-    `DIRECT_PUBLISH_GRACE_S`, and the worker marks them sent when it claims the deliveries;
-    if this publish fails (or the process dies first) the relay publishes them then."""
-    refs = [
-        (r.message.id, r.announcement)
-        for r in results
-        if isinstance(r, Accepted) and r.created and r.announcement is not None
-    ]
-    if not refs:
-        return
-    tasks: set[asyncio.Task[None]] = platform.extras.setdefault(_PUBLISHING_KEY, set())
-    # In the background: the in-process broker's publish returns only once a handler has
-    # settled the message, and no request waits for that.
-    task = asyncio.get_running_loop().create_task(_publish(platform, refs))
-    tasks.add(task)
-    task.add_done_callback(tasks.discard)
-
-
-async def _publish(platform: Platform, refs: Sequence[tuple[str, str]]) -> None:
-    outcomes = await asyncio.gather(
-        *(
-            platform.broker.publish(QUEUE, message_id.encode(), message_id=announcement)
-            for message_id, announcement in refs
-        ),
-        return_exceptions=True,
-    )
-    failed = [o for o in outcomes if isinstance(o, BaseException)]
-    if failed:
-        log.warning(
-            "direct publish failed; the outbox relay sends these messages after its grace",
-            extra={
-                "event": "delivery.publish_failed",
-                "count": len(failed),
-                "error": repr(failed[0])[:300],
-            },
-        )
-
-
-async def accept(platform: Platform, item: NewMessage) -> Accepted:
-    """Store a message with its deliveries and outbox row, grouped into one transaction with
-    the messages other requests are storing at the same moment; returns once committed."""
-    return await writer(platform).submit(item)
-
-
 async def create_message(
     session: AsyncSession,
     tenant_id: str,
@@ -235,7 +149,7 @@ async def store_messages(
     one result per item (an `Accepted`, or the exception its caller gets).
 
     With `publish_grace_s`, the outbox rows become due for the relay only that much later:
-    the caller publishes them itself once committed (`publish_soon`). With `catalog`, the
+    the caller publishes them itself once committed (`intake.publish_soon`). With `catalog`, the
     endpoints and event-type schemas come from the process's versioned cache."""
     now = utcnow()
     results: list[Accepted | Exception | None] = [None] * len(items)

@@ -122,7 +122,7 @@ def _claims(platform: Platform) -> GroupCommit[tuple[str, str | None], list[Job]
             session: AsyncSession, items: Sequence[tuple[str, str | None]]
         ) -> list[Any]:
             # The broker messages' outbox rows (most were published straight after the commit
-            # that made them, `messages.publish_soon`) are marked sent with the claim: from
+            # that made them, `intake.publish_soon`) are marked sent with the claim: from
             # here on the deliveries' leases stand for them.
             announced = [a for _, a in items if a is not None]
             return await claim_batch(platform, session, [ref for ref, _ in items], announced)
@@ -233,11 +233,6 @@ async def send_ref(platform: Platform, ref: str, announcement: str | None = None
                 health.wake(platform)
             health.observe(outcomes)
     return len(jobs)
-
-
-async def run(platform: Platform, refs: Sequence[str]) -> int:
-    """`send_ref` for several refs at once; returns how many were attempted or deferred."""
-    return sum(await asyncio.gather(*(send_ref(platform, ref) for ref in refs)))
 
 
 def _keys(
