@@ -15,14 +15,15 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import insert, update
+from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from relayport.core import audit
 from relayport.core.db import utcnow
+from relayport.core.groupcommit import write_transaction
 from relayport.core.ids import new_id
 from relayport.core.platform import Platform
-from relayport.delivery import filters, messages, repository
+from relayport.delivery import catalog, filters, messages, repository
 from relayport.delivery.metrics import (
     ATTEMPTS_PER_MESSAGE,
     CIRCUIT_STATE,
@@ -30,7 +31,7 @@ from relayport.delivery.metrics import (
     DELIVERIES,
     END_TO_END,
 )
-from relayport.delivery.models import Attempt, Endpoint
+from relayport.delivery.models import Endpoint
 from relayport.delivery.transport import Transport
 
 if TYPE_CHECKING:
@@ -58,7 +59,7 @@ async def gate_circuits(
             gates[endpoint.id] = Gate(probe=False, until=until)
             continue
         probe_until = now + dt.timedelta(seconds=settings.lease_s)
-        async with platform.db.transaction() as session:
+        async with write_transaction(platform) as session:
             won = await session.execute(
                 update(Endpoint)
                 .where(
@@ -101,15 +102,17 @@ def _attempt_rows(outcomes: Sequence[Outcome]) -> list[dict[str, Any]]:
     return rows
 
 
-async def finish(
+async def record(
     platform: Platform,
     transport: Transport,
+    session: AsyncSession,
     outcomes: Sequence[Outcome],
-    endpoints: dict[str, Endpoint],
-    lease_until: dt.datetime,
-) -> None:
+) -> bool:
+    """Log a batch of attempts and record their deliveries' outcomes and their endpoints'
+    health in the caller's transaction; True if it queued work to announce (wake the relay
+    once it has committed)."""
     if not outcomes:
-        return
+        return False
     now = utcnow()
     rows = [
         {
@@ -120,51 +123,62 @@ async def finish(
             "b_next": o.next_at,
             "b_error": o.error,
             "b_now": now,
-            "b_lease": lease_until,
+            "b_lease": o.lease_until,
             "b_finished": now if o.status in ("succeeded", "dead") else None,
         }
         for o in outcomes
     ]
     enqueued = False
-    async with platform.db.transaction() as session:
-        attempt_rows = _attempt_rows(outcomes)
-        if attempt_rows:
-            await session.execute(insert(Attempt), attempt_rows)
-        await repository.finish(session, rows)
-        for endpoint_id in {o.endpoint_id for o in outcomes}:
-            mine = [o for o in outcomes if o.endpoint_id == endpoint_id]
-            enqueued |= await _endpoint_health(
-                platform, transport, session, endpoints[endpoint_id], mine, now
+    attempt_rows = _attempt_rows(outcomes)
+    await repository.insert_attempts(session, attempt_rows)
+    await repository.finish(session, rows)
+    by_endpoint: dict[str, list[Outcome]] = {}
+    for o in outcomes:
+        by_endpoint.setdefault(o.endpoint.id, []).append(o)
+    enabled_before = {e.id for e in (m[0].endpoint for m in by_endpoint.values()) if e.enabled}
+    for mine in by_endpoint.values():
+        enqueued |= await _endpoint_health(
+            platform, transport, session, mine[0].endpoint, mine, now
+        )
+    # Fan-out must skip the endpoints disabled here from now on. The tenant's version row is
+    # locked after the endpoint rows, in the order every endpoint change takes them (see
+    # `service`), so this cannot deadlock with one.
+    await catalog.bump(
+        session,
+        [
+            m[0].endpoint.tenant_id
+            for m in by_endpoint.values()
+            if m[0].endpoint.id in enabled_before and not m[0].endpoint.enabled
+        ],
+    )
+    for o in outcomes:
+        if o.status == "dead" and o.sent and o.message.event_type not in filters.OPERATIONAL_TYPES:
+            enqueued |= await _operational(
+                session,
+                o.message.tenant_id,
+                "message.attempt.exhausted",
+                {
+                    "message_id": o.message.id,
+                    "endpoint_id": o.endpoint_id,
+                    "event_type": o.message.event_type,
+                    "attempts": o.attempt,
+                    "last_error": o.error,
+                },
             )
-        for o in outcomes:
-            if (
-                o.status == "dead"
-                and o.sent
-                and o.message.event_type not in filters.OPERATIONAL_TYPES
-            ):
-                enqueued |= await _operational(
-                    session,
-                    o.message.tenant_id,
-                    "message.attempt.exhausted",
-                    {
-                        "message_id": o.message.id,
-                        "endpoint_id": o.endpoint_id,
-                        "event_type": o.message.event_type,
-                        "attempts": o.attempt,
-                        "last_error": o.error,
-                    },
-                )
-        fifo = [
-            e.id
-            for e in endpoints.values()
-            if e.fifo and any(o.endpoint_id == e.id and o.status != "retrying" for o in outcomes)
-        ]
-        if fifo:
-            successors = await repository.next_fifo(session, fifo)
-            messages.enqueue_deliveries(session, successors)
-            enqueued |= bool(successors)
-    if enqueued:
-        wake(platform)
+    fifo = [
+        endpoint_id
+        for endpoint_id, mine in by_endpoint.items()
+        if mine[0].endpoint.fifo and any(o.status != "retrying" for o in mine)
+    ]
+    if fifo:
+        successors = await repository.next_fifo(session, fifo)
+        messages.enqueue_deliveries(session, successors)
+        enqueued |= bool(successors)
+    return enqueued
+
+
+def observe(outcomes: Sequence[Outcome]) -> None:
+    """Metrics and logs of recorded outcomes (after their commit)."""
     for o in outcomes:
         DELIVERIES.labels(o.status if o.sent else "deferred").inc()
         if o.status == "succeeded":

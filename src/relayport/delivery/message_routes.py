@@ -19,7 +19,7 @@ from relayport.core.deps import (
     client_ip,
 )
 from relayport.core.schemas import ListResponse
-from relayport.delivery import health, messages, service
+from relayport.delivery import health, intake, messages, service
 from relayport.delivery.models import Attempt, Delivery, EventType, Message
 from relayport.delivery.repository import (
     AttemptRepository,
@@ -156,32 +156,36 @@ async def create_message(
     body: MessageCreate,
     response: Response,
     principal: Operator,
-    session: SessionDep,
     platform: PlatformDep,
     idempotency_key: IdempotencyKey = None,
 ) -> MessageOut:
     """Send a message to every enabled endpoint whose filters accept it. 202 once it is
     stored with its deliveries; 200 with the original for a key seen in the last 24 h.
     Role: operator."""
-    settings = platform.settings.delivery
-    message, deliveries, created = await messages.create_message(
-        session,
-        principal.tenant_id,
-        event_type=body.event_type,
-        payload=body.payload,
-        channels=body.channels,
-        idempotency_key=idempotency_key or body.event_id,
-        idempotency_ttl_s=settings.idempotency_ttl_s,
+    # Stored together with the messages other requests post at the same moment (one
+    # transaction for all of them); this returns once that transaction has committed.
+    accepted = await intake.accept(
+        platform,
+        messages.NewMessage(
+            principal.tenant_id,
+            body.event_type,
+            body.payload,
+            tuple(body.channels) if body.channels else None,
+            idempotency_key or body.event_id,
+        ),
     )
-    if created:
-        after_commit(session, lambda: health.wake(platform))
+    if accepted.created:
+        health.wake(platform)
     else:
         response.status_code = 200
         response.headers["Idempotent-Replayed"] = "true"
-    if deliveries is not None:
-        return _message(message, deliveries)
-    stored = await DeliveryRepository(session, principal.tenant_id).of_message(message.id)
-    return _message(message, stored)
+    if accepted.deliveries is not None:
+        return _message(accepted.message, accepted.deliveries)
+    async with platform.db.reads() as session:
+        stored = await DeliveryRepository(session, principal.tenant_id).of_message(
+            accepted.message.id
+        )
+    return _message(accepted.message, stored)
 
 
 @router.get("/messages", response_model=ListResponse[MessageOut], tags=["messages"])

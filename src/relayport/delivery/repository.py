@@ -21,8 +21,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import aliased
 
+from relayport.core.outbox import OutboxMessage
 from relayport.core.repository import TenantRepository
 from relayport.delivery.models import (
     FINISHED,
@@ -68,34 +68,109 @@ class AttemptRepository(TenantRepository[Attempt]):
     not_found_detail = "no such attempt"
 
 
+# Core tables for the hot statements: ORM-enabled DML costs a good deal more per statement.
+_table = cast(Table, Delivery.__table__)
+_d = _table.c
+_messages = cast(Table, Message.__table__)
+_outbox = cast(Table, OutboxMessage.__table__)
+_attempts = cast(Table, Attempt.__table__)
+_tenant_settings = cast(Table, TenantSettings.__table__)
+
+
 def _insert(session: AsyncSession) -> Any:
     return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
 
 
-async def insert_message(session: AsyncSession, values: dict[str, Any]) -> bool:
-    """INSERT … ON CONFLICT (tenant_id, idempotency_key) DO NOTHING; True when inserted.
-    Concurrent posts with one key race on the unique index: exactly one inserts."""
+async def insert_messages(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> set[str]:
+    """One INSERT … ON CONFLICT (tenant_id, idempotency_key) DO NOTHING for many messages;
+    the ids of those inserted. Concurrent posts with one key race on the unique index:
+    exactly one inserts."""
+    if not rows:
+        return set()
     stmt = (
-        _insert(session)(Message)
-        .values(**values)
+        _insert(session)(_messages)
+        .values(list(rows))
         .on_conflict_do_nothing(index_elements=["tenant_id", "idempotency_key"])
-        .returning(Message.id)
+        .returning(_messages.c.id)
     )
-    return (await session.execute(stmt)).scalar_one_or_none() is not None
+    conn = await session.connection()
+    return set((await conn.execute(stmt)).scalars())
 
 
-async def message_by_key(session: AsyncSession, tenant_id: str, key: str) -> Message | None:
-    stmt = select(Message).where(Message.tenant_id == tenant_id, Message.idempotency_key == key)
-    return (await session.execute(stmt)).scalar_one_or_none()
+async def messages_by_keys(
+    session: AsyncSession, keys: Sequence[tuple[str, str]]
+) -> dict[tuple[str, str], Message]:
+    """The messages holding some (tenant id, idempotency key) pairs, by pair."""
+    by_tenant: dict[str, set[str]] = {}
+    for tenant_id, key in keys:
+        by_tenant.setdefault(tenant_id, set()).add(key)
+    if not by_tenant:
+        return {}
+    stmt = select(Message).where(
+        or_(
+            *(
+                and_(Message.tenant_id == tenant_id, Message.idempotency_key.in_(sorted(names)))
+                for tenant_id, names in by_tenant.items()
+            )
+        )
+    )
+    found = (await session.execute(stmt)).scalars()
+    return {(m.tenant_id, m.idempotency_key or ""): m for m in found}
 
 
-async def release_key(session: AsyncSession, message_id: str) -> None:
+async def release_keys(session: AsyncSession, message_ids: Sequence[str]) -> None:
+    """Free the idempotency keys of messages older than the idempotency window."""
     await session.execute(
         update(Message)
-        .where(Message.id == message_id)
+        .where(Message.id.in_(list(message_ids)))
         .values(idempotency_key=None)
         .execution_options(synchronize_session=False)
     )
+
+
+async def event_type_schemas(
+    session: AsyncSession, names: set[tuple[str, str]]
+) -> dict[tuple[str, str], dict[str, Any]]:
+    """The JSON Schemas of some (tenant id, event type) pairs, for those that have one."""
+    by_tenant: dict[str, set[str]] = {}
+    for tenant_id, name in names:
+        by_tenant.setdefault(tenant_id, set()).add(name)
+    if not by_tenant:
+        return {}
+    stmt = select(EventType.tenant_id, EventType.name, EventType.schema).where(
+        or_(
+            *(
+                and_(EventType.tenant_id == tenant_id, EventType.name.in_(sorted(types)))
+                for tenant_id, types in by_tenant.items()
+            )
+        ),
+        EventType.schema.is_not(None),
+    )
+    rows = (await session.execute(stmt)).all()
+    return {(r[0], r[1]): r[2] for r in rows if r[2] is not None}
+
+
+def _mark_announced(outbox_ids: Sequence[str], now: dt.datetime) -> Any:
+    """Mark outbox rows whose message a worker received as sent (those still unsent)."""
+    return (
+        update(_outbox)
+        .where(_outbox.c.id.in_(sorted(set(outbox_ids))), _outbox.c.sent_at.is_(None))
+        .values(sent_at=now, attempts=_outbox.c.attempts + 1)
+    )
+
+
+async def insert_attempts(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> None:
+    """Attempt rows, in one executemany."""
+    if rows:
+        conn = await session.connection()
+        await conn.execute(insert(_attempts), list(rows))
+
+
+async def insert_outbox(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> None:
+    """Outbox rows (`outbox_values`), in one executemany."""
+    if rows:
+        conn = await session.connection()
+        await conn.execute(insert(_outbox), list(rows))
 
 
 async def enabled_endpoints(session: AsyncSession, tenant_id: str) -> list[Any]:
@@ -109,8 +184,9 @@ async def enabled_endpoints(session: AsyncSession, tenant_id: str) -> list[Any]:
 
 async def insert_deliveries(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> None:
     """One executemany, without the unit of work (100 endpoints are 100 rows per message)."""
-    conn = await session.connection()
-    await conn.execute(insert(_table), list(rows))
+    if rows:
+        conn = await session.connection()
+        await conn.execute(insert(_table), list(rows))
 
 
 async def delete_endpoint_rows(session: AsyncSession, endpoint_id: str) -> None:
@@ -130,17 +206,25 @@ async def delete_endpoint_rows(session: AsyncSession, endpoint_id: str) -> None:
 # --- the sender -------------------------------------------------------------------------------
 
 
-def _fifo_free() -> Any:
+def _build_fifo_free() -> Any:
     # A FIFO delivery waits while an older delivery to the same endpoint is unfinished.
-    older = aliased(Delivery)
+    older = _table.alias("older")
     return or_(
-        Delivery.fifo.is_(False),
+        _d.fifo.is_(False),
         ~exists().where(
-            older.endpoint_id == Delivery.endpoint_id,
-            older.id < Delivery.id,
-            older.status.not_in(FINISHED),
+            older.c.endpoint_id == _d.endpoint_id,
+            older.c.id < _d.id,
+            older.c.status.not_in(FINISHED),
         ),
     )
+
+
+# Built once: a fresh alias per claim would cost a new cache key every time.
+_FIFO_FREE = _build_fifo_free()
+
+
+def _fifo_free() -> Any:
+    return _FIFO_FREE
 
 
 async def claim(
@@ -150,36 +234,87 @@ async def claim(
     lease_until: dt.datetime,
     message_ids: Sequence[str] = (),
     delivery_ids: Sequence[str] = (),
+    announced: Sequence[str] = (),
 ) -> list[tuple[str, str, str, int]]:
     """Take the due deliveries of some messages and some single deliveries for one attempt
     each: (delivery id, endpoint id, message id, attempt number).
 
-    One guarded UPDATE: two workers handed the same work cannot both win a row.
+    One guarded UPDATE: two workers handed the same work cannot both win a row. `announced`
+    are the outbox rows of the broker messages that named them, marked sent in the same
+    statement on PostgreSQL (a data-modifying CTE), just before it on SQLite.
     """
-    stmt = update(Delivery).where(
-        Delivery.status.in_(("pending", "retrying")),
-        Delivery.next_attempt_at <= now,
+    stmt = update(_table).where(
+        _d.status.in_(("pending", "retrying")),
+        _d.next_attempt_at <= now,
         _fifo_free(),
+        or_(_d.message_id.in_(list(message_ids)), _d.id.in_(list(delivery_ids))),
     )
-    stmt = stmt.where(
-        or_(Delivery.message_id.in_(list(message_ids)), Delivery.id.in_(list(delivery_ids)))
-    )
-    result = await session.execute(
+    conn = await session.connection()
+    if announced and conn.dialect.name == "postgresql":
+        stmt = stmt.add_cte(_mark_announced(announced, now).returning(_outbox.c.id).cte("marked"))
+    elif announced:
+        await conn.execute(_mark_announced(announced, now))
+    result = await conn.execute(
         stmt.values(
             status="sending",
-            attempts=Delivery.attempts + 1,
+            attempts=_d.attempts + 1,
             locked_until=lease_until,
             next_attempt_at=lease_until,
             updated_at=now,
-        )
-        .returning(Delivery.id, Delivery.endpoint_id, Delivery.message_id, Delivery.attempts)
-        .execution_options(synchronize_session=False)
+        ).returning(_d.id, _d.endpoint_id, _d.message_id, _d.attempts)
     )
     return [(r[0], r[1], r[2], r[3]) for r in result.all()]
 
 
 async def tenant_settings(session: AsyncSession, tenant_id: str) -> TenantSettings | None:
     return await session.get(TenantSettings, tenant_id)
+
+
+async def set_tenant_schedule(
+    session: AsyncSession, tenant_id: str, schedule: list[float] | None
+) -> None:
+    await session.execute(
+        update(TenantSettings)
+        .where(TenantSettings.tenant_id == tenant_id)
+        .values(retry_schedule_s=schedule)
+        .execution_options(synchronize_session=False)
+    )
+
+
+async def tenant_versions(
+    session: AsyncSession, tenant_ids: Sequence[str]
+) -> dict[str, dt.datetime]:
+    """The tenants' catalog versions (see `catalog`), for those that have a settings row."""
+    conn = await session.connection()
+    rows = await conn.execute(
+        select(_tenant_settings.c.tenant_id, _tenant_settings.c.updated_at).where(
+            _tenant_settings.c.tenant_id.in_(sorted(set(tenant_ids)))
+        )
+    )
+    return {r[0]: r[1] for r in rows.all()}
+
+
+async def bump_tenant_version(session: AsyncSession, tenant_id: str, now: dt.datetime) -> None:
+    """Move a tenant's catalog version forward (to now, or a microsecond past the current
+    one if that is not earlier), creating its settings row if need be; the row stays locked
+    until the caller's transaction ends."""
+    await session.execute(
+        _insert(session)(TenantSettings)
+        .values(tenant_id=tenant_id, retry_schedule_s=None, updated_at=now)
+        .on_conflict_do_nothing(index_elements=["tenant_id"])
+        .execution_options(synchronize_session=False)
+    )
+    stmt = select(TenantSettings.updated_at).where(TenantSettings.tenant_id == tenant_id)
+    if session.get_bind().dialect.name == "postgresql":
+        stmt = stmt.with_for_update()
+    current = (await session.execute(stmt)).scalar_one()
+    version = max(now, current + dt.timedelta(microseconds=1))
+    await session.execute(
+        update(TenantSettings)
+        .where(TenantSettings.tenant_id == tenant_id)
+        .values(updated_at=version)
+        .execution_options(synchronize_session=False)
+    )
 
 
 async def tenant_schedules(
@@ -196,19 +331,23 @@ async def tenant_schedules(
 
 
 async def load_for_send(
-    session: AsyncSession, message_ids: Sequence[str], endpoint_ids: Sequence[str]
+    session: AsyncSession, delivery_ids: Sequence[str]
 ) -> tuple[dict[str, Message], dict[str, Endpoint]]:
-    messages = (
-        await session.execute(select(Message).where(Message.id.in_(set(message_ids))))
-    ).scalars()
-    endpoints = (
-        await session.execute(select(Endpoint).where(Endpoint.id.in_(set(endpoint_ids))))
-    ).scalars()
-    return {m.id: m for m in messages}, {e.id: e for e in endpoints}
-
-
-_table = cast(Table, Delivery.__table__)
-_d = _table.c
+    """The messages and endpoints of some deliveries, by id, in one query (a message with
+    many deliveries comes back on each of their rows, but is built once)."""
+    rows = await session.execute(
+        select(Message, Endpoint)
+        .select_from(Delivery)
+        .join(Message, Message.id == Delivery.message_id)
+        .join(Endpoint, Endpoint.id == Delivery.endpoint_id)
+        .where(Delivery.id.in_(sorted(set(delivery_ids))))
+    )
+    messages: dict[str, Message] = {}
+    endpoints: dict[str, Endpoint] = {}
+    for message, endpoint in rows.all():
+        messages[message.id] = message
+        endpoints[endpoint.id] = endpoint
+    return messages, endpoints
 
 
 async def finish(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> None:

@@ -13,10 +13,13 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
+
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from relayport.core.crypto import DecryptionError
 from relayport.core.db import utcnow
+from relayport.core.groupcommit import GroupCommit, sqlite_write_lock
 from relayport.core.platform import Platform
 from relayport.delivery import health, repository, retry, signing
 from relayport.delivery.models import Endpoint, Message
@@ -27,16 +30,60 @@ log = logging.getLogger("relayport.delivery")
 
 Status = Literal["succeeded", "retrying", "dead"]
 FINISH_WAVE_S = 0.25
+MAX_BATCH = 256
+BATCH_CONCURRENCY = 2  # PostgreSQL: claim (and outcome) batches written at once per process
+_CLAIMS_KEY = "delivery.claims"
+_OUTCOMES_KEY = "delivery.outcomes"
+
+
+@dataclass(slots=True)
+class Job:
+    """One claimed delivery: what its attempt needs."""
+
+    delivery_id: str
+    endpoint: Endpoint
+    message: Message
+    attempt: int
+    schedules: TenantSchedules
+    lease_until: dt.datetime
+
+    async def schedule(self, platform: Platform) -> Sequence[float]:
+        """The endpoint's own retry schedule, else its tenant's, else the platform's."""
+        return (
+            self.endpoint.retry_schedule_s
+            or await self.schedules.get(self.endpoint.tenant_id)
+            or platform.settings.delivery.retry_schedule_s
+        )
+
+
+class TenantSchedules:
+    """The own retry schedules of a claim batch's tenants, read once, on first need: only a
+    failed attempt needs one, so the healthy path never reads them."""
+
+    def __init__(self, platform: Platform, tenant_ids: set[str]) -> None:
+        self._platform = platform
+        self._tenant_ids = tenant_ids
+        self._loaded: asyncio.Future[dict[str, list[float]]] | None = None
+
+    async def get(self, tenant_id: str) -> list[float] | None:
+        if self._loaded is None:
+            self._loaded = asyncio.ensure_future(self._load())
+        return (await asyncio.shield(self._loaded)).get(tenant_id)
+
+    async def _load(self) -> dict[str, list[float]]:
+        async with self._platform.db.reads() as session:
+            return await repository.tenant_schedules(session, sorted(self._tenant_ids))
 
 
 @dataclass(slots=True)
 class Outcome:
     delivery_id: str
-    endpoint_id: str
+    endpoint: Endpoint
     message: Message
     attempt: int
     status: Status
     next_at: dt.datetime
+    lease_until: dt.datetime
     error: str | None = None
     # -1 when no request was made (circuit open, rate limited, disabled): the claim's count
     # is given back, so waiting never burns the attempt budget.
@@ -44,6 +91,10 @@ class Outcome:
     results: list[PostResult] = field(default_factory=list)
     probe: bool = False
     gone: bool = False
+
+    @property
+    def endpoint_id(self) -> str:
+        return self.endpoint.id
 
     @property
     def sent(self) -> bool:
@@ -56,56 +107,113 @@ class Outcome:
 
 @dataclass(slots=True)
 class Gate:
-    """What this batch may do with an endpoint whose circuit is not closed."""
+    """What this worker may do with an endpoint whose circuit is not closed."""
 
     probe: bool
     until: dt.datetime
     used: bool = False
 
 
-async def run(platform: Platform, refs: Sequence[str]) -> int:
-    """Send the due deliveries `refs` name (a message id: all of its deliveries; a delivery
-    id: that one). Returns how many were attempted or deferred."""
+def _claims(platform: Platform) -> GroupCommit[tuple[str, str | None], list[Job]]:
+    found = platform.extras.get(_CLAIMS_KEY)
+    if found is None:
+
+        async def write(
+            session: AsyncSession, items: Sequence[tuple[str, str | None]]
+        ) -> list[Any]:
+            # The broker messages' outbox rows (most were published straight after the commit
+            # that made them, `intake.publish_soon`) are marked sent with the claim: from
+            # here on the deliveries' leases stand for them.
+            announced = [a for _, a in items if a is not None]
+            return await claim_batch(platform, session, [ref for ref, _ in items], announced)
+
+        found = platform.extras[_CLAIMS_KEY] = _committer(platform, write, "delivery.claims")
+    assert isinstance(found, GroupCommit)
+    return found
+
+
+def _outcomes(platform: Platform) -> GroupCommit[Outcome, bool]:
+    found = platform.extras.get(_OUTCOMES_KEY)
+    if found is None:
+
+        async def write(session: AsyncSession, outcomes: Sequence[Outcome]) -> list[Any]:
+            queued = await health.record(platform, transport_of(platform), session, outcomes)
+            return [queued] * len(outcomes)
+
+        found = platform.extras[_OUTCOMES_KEY] = _committer(platform, write, "delivery.outcomes")
+    assert isinstance(found, GroupCommit)
+    return found
+
+
+def _committer(platform: Platform, write: Any, name: str) -> GroupCommit[Any, Any]:
+    return GroupCommit(
+        platform.db,
+        write,
+        name=name,
+        max_items=MAX_BATCH,
+        max_wait_s=0,  # batches form while the previous one is being written
+        concurrency=1 if platform.db.dialect == "sqlite" else BATCH_CONCURRENCY,
+        lock=sqlite_write_lock(platform),
+    )
+
+
+async def claim_batch(
+    platform: Platform,
+    session: AsyncSession,
+    refs: Sequence[str],
+    announced: Sequence[str] = (),
+) -> list[list[Job]]:
+    """Claim the due deliveries `refs` name (a message id: all of its deliveries; a delivery
+    id: that one) and read what their sends need, in the caller's transaction: the jobs of
+    each ref (none for a ref that repeats an earlier one of the batch)."""
     settings = platform.settings.delivery
     now = utcnow()
     lease_until = now + dt.timedelta(seconds=settings.lease_s)
-    # One transaction claims and reads what the sends need: one connection checkout, one
-    # commit (the reads see the rows as claimed).
-    async with platform.db.transaction() as session:
-        claimed = await repository.claim(
-            session,
-            now=now,
-            lease_until=lease_until,
-            message_ids=[r for r in refs if r.startswith("msg_")],
-            delivery_ids=[r for r in refs if not r.startswith("msg_")],
-        )
-        if not claimed:
-            return 0  # a duplicate message, work another worker holds, or not due yet
-        messages, endpoints = await repository.load_for_send(
-            session, [c[2] for c in claimed], [c[1] for c in claimed]
-        )
-        schedules = await repository.tenant_schedules(
-            session, [m.tenant_id for m in messages.values()]
-        )
-    gates = await health.gate_circuits(platform, list(endpoints.values()), now)
-    transport = transport_of(platform)
-    jobs = []
+    singles = {r for r in refs if not r.startswith("msg_")}
+    claimed = await repository.claim(
+        session,
+        now=now,
+        lease_until=lease_until,
+        message_ids=sorted({r for r in refs if r.startswith("msg_")}),
+        delivery_ids=sorted(singles),
+        announced=announced,
+    )
+    if not claimed:
+        return [[] for _ in refs]  # duplicates, work another worker holds, or not due yet
+    messages, endpoints = await repository.load_for_send(session, [c[0] for c in claimed])
+    schedules = TenantSchedules(platform, {m.tenant_id for m in messages.values()})
+    by_ref: dict[str, list[Job]] = {}
     for delivery_id, endpoint_id, message_id, attempt in claimed:
         endpoint, message = endpoints.get(endpoint_id), messages.get(message_id)
         if endpoint is None or message is None:
             continue  # deleted with its endpoint after the claim
-        # The endpoint's own schedule, else its tenant's, else the platform's.
-        schedule = (
-            endpoint.retry_schedule_s
-            or schedules.get(endpoint.tenant_id)
-            or platform.settings.delivery.retry_schedule_s
+        ref = delivery_id if delivery_id in singles else message_id
+        by_ref.setdefault(ref, []).append(
+            Job(delivery_id, endpoint, message, attempt, schedules, lease_until)
         )
-        jobs.append(
-            _deliver(platform, transport, delivery_id, endpoint, message, attempt, gates, schedule)
-        )
+    return [by_ref.pop(ref, []) for ref in refs]
+
+
+async def send_ref(platform: Platform, ref: str, announcement: str | None = None) -> int:
+    """Send the due deliveries one broker message names (a message id or a delivery id) and
+    record their outcomes; returns how many were attempted or deferred.
+
+    Claims and outcomes of the refs a worker handles at the same moment are written together
+    (one transaction each per batch), yet each ref returns, and its broker message is acked,
+    as soon as its own deliveries are recorded: a hanging endpoint holds its own message
+    only, not the prefetch slots of the healthy ones claimed with it. `announcement` is the
+    broker message's id: the outbox row that announced the ref.
+    """
+    jobs = await _claims(platform).submit((ref, announcement))
+    if not jobs:
+        return 0
+    now = utcnow()
+    closed = {j.endpoint.id: j.endpoint for j in jobs if j.endpoint.circuit_state != "closed"}
+    gates = await health.gate_circuits(platform, list(closed.values()), now) if closed else {}
+    transport = transport_of(platform)
     # Record outcomes in waves: a hanging endpoint (up to the total timeout) must not hold
-    # back the bookkeeping, FIFO successors and metrics of the batch's healthy deliveries.
-    pending = {asyncio.ensure_future(job) for job in jobs}
+    # back the bookkeeping, FIFO successors and metrics of the ref's healthy deliveries.
+    pending = {asyncio.ensure_future(_deliver(platform, transport, job, gates)) for job in jobs}
     while pending:
         done, pending = await asyncio.wait(pending, timeout=FINISH_WAVE_S)
         outcomes = []
@@ -120,7 +228,10 @@ async def run(platform: Platform, refs: Sequence[str]) -> int:
             else:
                 outcomes.append(task.result())
         if outcomes:
-            await health.finish(platform, transport, outcomes, endpoints, lease_until)
+            queued = await asyncio.gather(*(_outcomes(platform).submit(o) for o in outcomes))
+            if any(queued):
+                health.wake(platform)
+            health.observe(outcomes)
     return len(jobs)
 
 
@@ -148,31 +259,27 @@ def _keys(
 
 
 async def _deliver(
-    platform: Platform,
-    transport: Transport,
-    delivery_id: str,
-    endpoint: Endpoint,
-    message: Message,
-    attempt: int,
-    gates: dict[str, Gate],
-    schedule: Sequence[float],
+    platform: Platform, transport: Transport, job: Job, gates: dict[str, Gate]
 ) -> Outcome:
+    endpoint, message, attempt = job.endpoint, job.message, job.attempt
+    delivery_id, lease = job.delivery_id, job.lease_until
     settings = platform.settings.delivery
     now = utcnow()
 
     def wait(until: dt.datetime, why: str) -> Outcome:
         return Outcome(
-            delivery_id, endpoint.id, message, attempt, "retrying", until, why, attempt_delta=-1
+            delivery_id, endpoint, message, attempt, "retrying", until, lease, why, attempt_delta=-1
         )
 
     if not endpoint.enabled:
         return Outcome(
             delivery_id,
-            endpoint.id,
+            endpoint,
             message,
             attempt,
             "dead",
             now,
+            lease,
             f"endpoint disabled ({endpoint.disabled_reason})",
             attempt_delta=-1,
         )
@@ -205,7 +312,7 @@ async def _deliver(
             hmac_keys, message.id, int(time.time()), message.body, ed25519_seeds=seeds
         ),
     }
-    outcome = Outcome(delivery_id, endpoint.id, message, attempt, "succeeded", now, probe=probe)
+    outcome = Outcome(delivery_id, endpoint, message, attempt, "succeeded", now, lease, probe=probe)
     urls = transport.urls(endpoint.id, [endpoint.url, *endpoint.fallback_urls], endpoint.routing)
     for url in urls:
         result = await transport.post(url, message.body, headers)
@@ -223,7 +330,7 @@ async def _deliver(
         outcome.status, outcome.gone = "dead", True
         outcome.error = "HTTP 410: the endpoint is gone (disabled)"
         return outcome
-    delay = retry.delay_after(attempt, schedule, jitter=settings.retry_jitter)
+    delay = retry.delay_after(attempt, await job.schedule(platform), jitter=settings.retry_jitter)
     if delay is None:
         outcome.status = "dead"
         return outcome
@@ -233,3 +340,9 @@ async def _deliver(
     outcome.status = "retrying"
     outcome.next_at = done + dt.timedelta(seconds=delay)
     return outcome
+
+
+def forget(platform: Platform) -> None:
+    """Drop the process's claim and outcome committers (the worker is stopping)."""
+    platform.extras.pop(_CLAIMS_KEY, None)
+    platform.extras.pop(_OUTCOMES_KEY, None)

@@ -21,8 +21,8 @@ from relayport.core.db import utcnow
 from relayport.core.errors import Conflict, NotFound, Problem, ValidationFailed
 from relayport.core.http import AddressPolicy, ForbiddenAddress, ForbiddenURL, HostNotResolved
 from relayport.core.ids import new_id
-from relayport.delivery import repository, signing
-from relayport.delivery.models import Endpoint, EventType, TenantSettings
+from relayport.delivery import catalog, repository, signing
+from relayport.delivery.models import Endpoint, EventType
 from relayport.delivery.secrets import StoredSecret, open_secrets, seal
 from relayport.settings import DeliverySettings
 
@@ -110,6 +110,7 @@ async def create_endpoint(
         endpoint.ed25519_public_key = public
     seal(keyring, endpoint, stored)
     repository.EndpointRepository(session, principal.tenant_id).add(endpoint)
+    await _changed(session, principal.tenant_id)
     _audit(session, principal, "endpoint.created", endpoint.id, ip)
     return endpoint, secret
 
@@ -142,6 +143,7 @@ async def update_endpoint(
     elif changes.get("enabled") is False:
         endpoint.disabled_reason = "manual"
     endpoint.updated_at = utcnow()
+    await _changed(session, principal.tenant_id)
     _audit(session, principal, "endpoint.updated", endpoint.id, ip, {"fields": sorted(changes)})
     return endpoint
 
@@ -151,6 +153,7 @@ async def delete_endpoint(
 ) -> None:
     endpoint = await repository.EndpointRepository(session, principal.tenant_id).get(endpoint_id)
     await repository.delete_endpoint_rows(session, endpoint.id)
+    await _changed(session, principal.tenant_id)
     _audit(session, principal, "endpoint.deleted", endpoint.id, ip)
 
 
@@ -216,6 +219,14 @@ async def rotate_secret(
     return endpoint, value
 
 
+async def _changed(session: AsyncSession, tenant_id: str) -> None:
+    """Move the tenant's fan-out version (see `catalog`) after writing the endpoint or event
+    type rows: endpoint rows first, then the version row, is the order the worker's
+    auto-disable takes them too, so the two cannot deadlock."""
+    await session.flush()
+    await catalog.bump(session, [tenant_id])
+
+
 def _audit(
     session: AsyncSession,
     principal: Principal,
@@ -239,12 +250,8 @@ async def set_tenant_schedule(
     session: AsyncSession, principal: Principal, schedule: list[float] | None, *, ip: str | None
 ) -> None:
     """Set (or with None, clear) the tenant's own retry schedule."""
-    row = await repository.tenant_settings(session, principal.tenant_id)
-    if row is None:
-        row = TenantSettings(tenant_id=principal.tenant_id)
-        session.add(row)
-    row.retry_schedule_s = schedule
-    row.updated_at = utcnow()
+    await catalog.bump(session, [principal.tenant_id])  # creates the row if need be
+    await repository.set_tenant_schedule(session, principal.tenant_id, schedule)
     audit.record_by(
         session,
         principal,
@@ -296,6 +303,7 @@ async def create_event_type(
         updated_at=now,
     )
     repo.add(event_type)
+    await _changed(session, principal.tenant_id)
     _audit(session, principal, "event_type.created", event_type.id, ip, {"name": name})
     return event_type
 
@@ -322,6 +330,7 @@ async def update_event_type(
     if changes.get("description") is not None:
         event_type.description = changes["description"]
     event_type.updated_at = utcnow()
+    await _changed(session, principal.tenant_id)
     _audit(session, principal, "event_type.updated", event_type.id, ip)
     return event_type
 
@@ -331,4 +340,5 @@ async def delete_event_type(
 ) -> None:
     event_type = await get_event_type(session, principal.tenant_id, name)
     await session.delete(event_type)
+    await _changed(session, principal.tenant_id)
     _audit(session, principal, "event_type.deleted", event_type.id, ip, {"name": name})

@@ -10,14 +10,12 @@ from relayport.core.broker import Message
 from relayport.core.db import utcnow
 from relayport.core.platform import Platform
 from relayport.delivery import health, messages, repository, sender
-from relayport.delivery.batching import Batcher
 from relayport.delivery.messages import QUEUE
 from relayport.delivery.transport import close_transport
 
 log = logging.getLogger("relayport.delivery")
 
 DISPATCH_BATCH = 500
-_BATCHER_KEY = "delivery.batcher"
 
 __all__ = ["QUEUE", "close", "handle", "tick"]
 
@@ -26,11 +24,10 @@ async def handle(platform: Platform, message: Message) -> None:
     """Consume one `delivery.send` message: a message id (all its due deliveries) or a
     delivery id."""
     ref = message.body.decode("ascii", "replace")[:64]
-    batcher = platform.extras.get(_BATCHER_KEY)
-    if batcher is None:
-        batcher = platform.extras[_BATCHER_KEY] = Batcher(lambda refs: sender.run(platform, refs))
     try:
-        await batcher.submit(ref)
+        # Claims and outcomes are written in batches with the other refs handled at the same
+        # moment; this returns once this ref's own deliveries are recorded.
+        await sender.send_ref(platform, ref, message.message_id)
     except Exception:
         # The database holds the deliveries, not the broker message: acking loses nothing,
         # since the scheduler sends them round again once their lease expires.
@@ -60,5 +57,5 @@ async def tick(platform: Platform) -> None:
 
 
 async def close(platform: Platform) -> None:
-    platform.extras.pop(_BATCHER_KEY, None)
+    sender.forget(platform)
     await close_transport(platform)
