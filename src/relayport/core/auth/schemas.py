@@ -42,6 +42,12 @@ class TenantOut(BaseModel):
     created_at: dt.datetime
 
 
+class PingResponse(BaseModel):
+    status: str
+    principal: str
+    tenant_id: str
+
+
 class UserOut(BaseModel):
     id: str
     tenant_id: str
