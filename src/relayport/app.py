@@ -11,7 +11,7 @@ from fastapi import APIRouter, FastAPI
 
 from relayport import __version__
 from relayport.configs.routes import router as configs_router
-from relayport.core import errors
+from relayport.core import errors, gcpolicy
 from relayport.core.audit_routes import router as audit_router
 from relayport.core.auth.routes import router as auth_router
 from relayport.core.edge import EdgeMiddleware
@@ -50,6 +50,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         worker = Worker(platform) if settings.embedded else None
         if worker is not None:
             await worker.start()
+        if settings.gc_freeze:
+            gcpolicy.freeze_started_app()
         log.info(
             "relayport ready",
             extra={

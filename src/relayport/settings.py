@@ -158,11 +158,6 @@ class IngestSettings(BaseModel):
         le=64,
         description="Transactions of deliveries written at once (PostgreSQL; SQLite uses 1).",
     )
-    gc_freeze: bool = Field(
-        default=True,
-        description="At the first delivery or job in a process, move the objects built so far "
-        "out of the cyclic GC (gc.freeze), so full collections stay short under load.",
-    )
 
 
 def _b64decode(value: str) -> bytes:
@@ -288,6 +283,11 @@ class Settings(BaseSettings):
     port: int = Field(default=8080, ge=1, le=65535)
     workers: int = Field(default=1, ge=1, le=64)
     shutdown_timeout_s: float = Field(default=20, gt=0)
+    gc_freeze: bool = Field(
+        default=True,
+        description="Move the started process's objects out of the cyclic GC (gc.freeze) after "
+        "startup and at the first ingest delivery or job, so full collections stay short.",
+    )
     db_pool_size: int = Field(default=10, gt=0)
     auto_migrate: bool | None = Field(
         default=None, description="Run migrations at start; default on for the embedded SQLite."

@@ -18,6 +18,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from relayport.core import gcpolicy
 from relayport.core.broker import Message
 from relayport.core.db import Database, utcnow
 from relayport.core.errors import Conflict
@@ -347,10 +348,10 @@ async def test_a_batch_announces_its_jobs_in_one_message_per_tenant_and_all_of_t
 def test_the_first_writer_freezes_the_started_process_once(
     platform: Platform, monkeypatch: pytest.MonkeyPatch, enabled: bool
 ) -> None:
-    monkeypatch.setattr(batcher, "_gc_frozen", False)
-    monkeypatch.setattr(platform.settings.ingest, "gc_freeze", enabled)
+    monkeypatch.setattr(gcpolicy, "_frozen", set())
+    monkeypatch.setattr(platform.settings, "gc_freeze", enabled)
     frozen = []
-    monkeypatch.setattr(batcher.gc, "freeze", lambda: frozen.append(1))
+    monkeypatch.setattr(gcpolicy.gc, "freeze", lambda: frozen.append(1))
     batcher.freeze_startup_objects(platform)
     batcher.freeze_startup_objects(platform)
     assert frozen == ([1] if enabled else [])

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -31,6 +30,7 @@ import asyncpg
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.util import greenlet_spawn
 
+from relayport.core import gcpolicy
 from relayport.core.db import Database
 from relayport.core.platform import Platform
 
@@ -47,25 +47,11 @@ WriteBatch = Callable[[AsyncSession, Sequence[T]], Awaitable[Sequence[R | Except
 RunBatch = Callable[[Sequence[T]], Awaitable[Sequence[R | Exception]]]
 
 
-_gc_frozen = False  # per process: the app's objects are frozen once
-
-
 def freeze_startup_objects(platform: Platform) -> None:
-    """Once per process, at the first delivery or job: `gc.freeze()` what exists by then.
-
-    Under load many requests' objects live across a few awaits and are promoted to the oldest
-    generation before they die, so full collections come every ~800 deliveries; each walked the
-    ~190,000 objects of the started app (modules, routes, models) and stopped the loop for
-    65-200 ms (measured in-process, 20,000 deliveries: 24 such pauses), the p99 tail at 1,000
-    requests/s. Frozen, those objects are no longer walked: the same run's full collections
-    took ~2 ms. What is frozen is never collected, which is what the app's own objects want;
-    garbage frozen with them is a one-off, bounded amount.
-    """
-    global _gc_frozen
-    if _gc_frozen or not platform.settings.ingest.gc_freeze:
-        return
-    _gc_frozen = True
-    gc.freeze()
+    """At the first delivery or job in a process, freeze what exists by then (see
+    core.gcpolicy): the objects built lazily by the first unit of work included."""
+    if platform.settings.gc_freeze:
+        gcpolicy.freeze_once("ingest")
 
 
 @contextlib.asynccontextmanager
