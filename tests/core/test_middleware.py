@@ -138,11 +138,27 @@ async def test_api_responses_carry_strict_security_headers() -> None:
     h = r.headers
     assert h["x-content-type-options"] == "nosniff"
     assert h["x-frame-options"] == "DENY"
-    assert h["referrer-policy"] == "no-referrer"
-    assert h["cross-origin-opener-policy"] == "same-origin"
     assert h["content-security-policy"] == "default-src 'none'; frame-ancestors 'none'"
     assert h["cache-control"] == "no-store"
     assert "strict-transport-security" not in h  # plain http
+    # Document-only headers do nothing on JSON: they go on pages.
+    assert "referrer-policy" not in h
+    assert "cross-origin-opener-policy" not in h
+
+
+async def test_pages_also_carry_the_document_headers() -> None:
+    app = headers_app()
+
+    @app.get("/v1/page")
+    async def page() -> Response:
+        return Response("<p>hi</p>", media_type="text/html")
+
+    async with client(app) as c:
+        for path in ("/v1/page", "/docs"):
+            h = (await c.get(path)).headers
+            assert h["referrer-policy"] == "no-referrer", path
+            assert h["cross-origin-opener-policy"] == "same-origin", path
+            assert h["x-frame-options"] == "DENY", path
 
 
 async def test_hsts_only_over_https() -> None:

@@ -27,7 +27,6 @@ from relayport.core.security.middleware import (
     REQUEST_ID_HEADER,
     RESPONSE_HEADERS,
     SecurityHeaders,
-    header_names,
     request_id_for,
     with_headers,
 )
@@ -73,10 +72,16 @@ class EdgeMiddleware:
             if message["type"] in ID_MESSAGES:
                 status = message.get("status")
                 # One pass over the response's headers for everything added here.
-                present = header_names(message)
+                html = False
+                present = set()
+                for name, value in message.get("headers", ()):
+                    name = name.lower()
+                    present.add(name)
+                    if name == b"content-type" and value.startswith(b"text/html"):
+                        html = True
                 extra = [h for h in state.get(RESPONSE_HEADERS, ()) if h[0] not in present]
                 if security is not None:
-                    extra += security.missing(scope, present)
+                    extra += security.missing(scope, present, html=html)
                 if REQUEST_ID_HEADER not in present:
                     extra.append(echoed)
                 message = with_headers(message, extra)
