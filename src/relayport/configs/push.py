@@ -88,8 +88,12 @@ class Channel:
                 await asyncio.sleep(0.2)
 
     async def sync(self) -> None:
-        """Apply every committed version after the last applied one, in order."""
-        async with self._lock, self.hub.platform.db.sessions() as session:
+        """Apply every committed version after the last applied one, in order.
+
+        On an autocommit read session: versions are append-only and chained by revision, so
+        the reads need no snapshot of their own, and a transaction would add its BEGIN and
+        COMMIT round trips to the latency of every announced change."""
+        async with self._lock, self.hub.platform.db.reads() as session:
             await self._sync(session)
 
     async def _sync(self, session: AsyncSession) -> None:
