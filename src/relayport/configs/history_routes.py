@@ -38,6 +38,7 @@ from relayport.core.deps import (
     client_ip,
 )
 from relayport.core.errors import BadRequest, NotFound
+from relayport.core.paging import After, Limit
 from relayport.core.platform import Platform
 from relayport.core.schemas import ListResponse
 
@@ -77,7 +78,7 @@ async def list_versions(
     env: EnvDep,
     principal: Viewer,
     session: SessionDep,
-    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    limit: Limit = 50,
     after: Annotated[str | None, Query(max_length=12, pattern=r"^[0-9]+$")] = None,
 ) -> VersionList:
     """Versions, newest first; `next` is the cursor (a revision) for older ones. Role: viewer."""
@@ -173,8 +174,8 @@ async def list_clients(
     principal: Viewer,
     session: SessionDep,
     platform: PlatformDep,
-    limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    after: Annotated[str | None, Query(max_length=64)] = None,
+    limit: Limit = 50,
+    after: After = None,
 ) -> ListResponse[ClientOut]:
     """Clients of the environment with the revision each acknowledged last; `connected` only
     while the instance holding the client's stream keeps confirming it. Role: viewer."""
@@ -208,8 +209,8 @@ async def list_client_keys(
     env: EnvDep,
     principal: Viewer,
     session: SessionDep,
-    limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    after: Annotated[str | None, Query(max_length=64)] = None,
+    limit: Limit = 50,
+    after: After = None,
 ) -> ListResponse[ClientKeyOut]:
     """Client keys of the environment (never the keys themselves). Role: viewer."""
     repo = ClientKeyRepository(session, principal.tenant_id)

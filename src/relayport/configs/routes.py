@@ -39,6 +39,7 @@ from relayport.configs.streams import router as stream_router
 from relayport.configs.versions import Committed, key_etag
 from relayport.core.deps import Operator, PlatformDep, SessionDep, Viewer, client_ip
 from relayport.core.errors import NotFound
+from relayport.core.paging import After, Limit
 from relayport.core.schemas import ListResponse
 
 router = APIRouter(prefix="/v1")
@@ -83,8 +84,8 @@ async def create_project(
 async def list_projects(
     principal: Viewer,
     session: SessionDep,
-    limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    after: Annotated[str | None, Query(max_length=64)] = None,
+    limit: Limit = 50,
+    after: After = None,
 ) -> ListResponse[ProjectOut]:
     """Projects of the tenant, newest first. Role: viewer."""
     page = await ProjectRepository(session, principal.tenant_id).page(limit=limit, after=after)
@@ -135,8 +136,8 @@ async def list_environments(
     project: ProjectDep,
     principal: Viewer,
     session: SessionDep,
-    limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    after: Annotated[str | None, Query(max_length=64)] = None,
+    limit: Limit = 50,
+    after: After = None,
 ) -> ListResponse[EnvironmentOut]:
     """Environments of a project, newest first. Role: viewer."""
     repo = EnvironmentRepository(session, principal.tenant_id)

@@ -10,14 +10,25 @@ the same pydantic rules and messages, located at `query.limit` / `query.after`.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import Request
+from fastapi import Query, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 200
+
+# For list routes that also take filters, and so declare their query parameters to FastAPI
+# anyway: `limit: Limit = DEFAULT_LIMIT, after: After = None`.
+Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT, description="Items per page.")]
+After = Annotated[
+    str | None,
+    Query(
+        max_length=64,
+        description="The `next` cursor of the previous page; omit for the first page.",
+    ),
+]
 
 
 class PageQuery(BaseModel):

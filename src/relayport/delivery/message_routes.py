@@ -18,6 +18,7 @@ from relayport.core.deps import (
     after_commit,
     client_ip,
 )
+from relayport.core.paging import After, Limit
 from relayport.core.schemas import ListResponse
 from relayport.delivery import health, intake, messages, service
 from relayport.delivery.models import Attempt, Delivery, EventType, Message
@@ -42,8 +43,6 @@ from relayport.delivery.schemas import (
 
 router = APIRouter(prefix="/v1")
 
-Limit = Annotated[int, Query(ge=1, le=200)]
-After = Annotated[str | None, Query(max_length=64)]
 Since = Annotated[AwareDatetime | None, Query(description="RFC 3339 with an offset.")]
 IdempotencyKey = Annotated[
     str | None, Header(alias="Idempotency-Key", min_length=1, max_length=200)

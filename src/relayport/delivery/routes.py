@@ -19,6 +19,7 @@ from relayport.core.deps import (
     after_commit,
     client_ip,
 )
+from relayport.core.paging import After, Limit
 from relayport.core.schemas import ListResponse
 from relayport.delivery import health, message_routes, messages, repository, service
 from relayport.delivery.models import Attempt, Endpoint
@@ -41,8 +42,6 @@ from relayport.delivery.secrets import secret_info
 
 router = APIRouter(prefix="/v1")
 
-Limit = Annotated[int, Query(ge=1, le=200)]
-After = Annotated[str | None, Query(max_length=64)]
 Since = Annotated[AwareDatetime | None, Query(description="RFC 3339 with an offset.")]
 
 

@@ -15,6 +15,7 @@ from starlette.types import Receive, Scope, Send
 
 from relayport.core.deps import Operator, PlatformDep, ReadSessionDep, SessionDep, Viewer, client_ip
 from relayport.core.limits import owed_ip_limit, route_spends_ip_limit
+from relayport.core.paging import After, Limit
 from relayport.core.platform import Platform
 from relayport.core.schemas import ListResponse
 from relayport.core.security.middleware import route_path
@@ -43,8 +44,6 @@ from relayport.ingest.sources_cache import source_cache
 
 router = APIRouter(prefix="/v1")
 
-Limit = Annotated[int, Query(ge=1, le=200)]
-After = Annotated[str | None, Query(max_length=64)]
 IdFilter = Annotated[str | None, Query(max_length=64)]
 Since = Annotated[AwareDatetime | None, Query(description="RFC 3339 with an offset.")]
 
