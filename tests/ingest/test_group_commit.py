@@ -22,12 +22,12 @@ from relayport.core import gcpolicy
 from relayport.core.broker import Message
 from relayport.core.db import Database, utcnow
 from relayport.core.errors import Conflict
+from relayport.core.groupcommit import GroupCommit
 from relayport.core.ids import new_id
 from relayport.core.outbox import OutboxMessage
 from relayport.core.platform import Platform
 from relayport.ingest import batcher, bookkeeping, repository
 from relayport.ingest import worker as ingest_worker
-from relayport.ingest.batcher import GroupCommit
 from relayport.ingest.inbox import NewEvent, Stored, inbox_writer, store_events_pg, write_events
 from relayport.ingest.models import InboxEvent, Job
 from tests.conftest import Account, signup

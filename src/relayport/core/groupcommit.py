@@ -1,11 +1,12 @@
 """Group commit for any capability: concurrent callers' writes go to the database together.
 
-The same mechanism as `relayport.ingest.batcher.GroupCommit` (which ingest keeps for now),
-made shared so other capabilities need not copy it: a `GroupCommit` gathers the items
-submitted while a batch is being written (or for at most `max_wait_s` after the first one),
-writes them with one `write(session, items)` call in one transaction, and resolves each
-caller's future only once that transaction has committed, so a caller that got its result
-knows its rows are durable.
+One transaction per request costs one WAL flush each and keeps SQLite's single write lock
+busy. A `GroupCommit` gathers the items submitted while a batch is being written (or for at
+most `max_wait_s` after the first one), writes them with one `write(session, items)` call in
+one transaction (or one `run(items)` call for a writer that makes its batch atomic itself,
+one statement say), and resolves each caller's future only once that has committed, so a
+caller that got its result knows its rows are durable. While `concurrency` batches are being
+written new items wait, so under load batches grow instead of transactions queueing.
 
 - Each item gets its own result, or its own exception (returned by `write` for that item).
 - A batch whose transaction fails is retried item by item, each in its own transaction, so
@@ -43,6 +44,8 @@ R = TypeVar("R")
 
 # Per item: its result, or the exception its caller should get (the batch still commits).
 WriteBatch = Callable[[AsyncSession, Sequence[T]], Awaitable[Sequence[R | Exception]]]
+# The same, for a writer that makes its batch atomic itself.
+RunBatch = Callable[[Sequence[T]], Awaitable[Sequence[R | Exception]]]
 
 
 def sqlite_write_lock(platform: Platform) -> asyncio.Lock | None:
@@ -73,8 +76,9 @@ class GroupCommit(Generic[T, R]):
     def __init__(
         self,
         db: Database,
-        write: WriteBatch[T, R],
+        write: WriteBatch[T, R] | None,
         *,
+        run: RunBatch[T, R] | None = None,
         name: str,
         max_items: int,
         max_wait_s: float,
@@ -82,10 +86,13 @@ class GroupCommit(Generic[T, R]):
         lock: asyncio.Lock | None = None,
         on_commit: Callable[[Sequence[R | Exception]], None] | None = None,
     ) -> None:
+        if (write is None) == (run is None):
+            raise ValueError("give either write (in our transaction) or run (atomic itself)")
         self._db = db
         self._on_commit = on_commit
         self._lock = lock
         self._write = write
+        self._run_items = run
         self._name = name
         self._max_items = max(1, max_items)
         self._max_wait_s = max(0.0, max_wait_s)
@@ -149,11 +156,17 @@ class GroupCommit(Generic[T, R]):
             self._running -= 1
             self._flush_ready()
 
+    async def _store(self, items: list[T]) -> Sequence[R | Exception]:
+        if self._run_items is not None:
+            return await self._run_items(items)
+        assert self._write is not None
+        async with self._lock or contextlib.nullcontext(), self._db.transaction() as session:
+            return await self._write(session, items)
+
     async def _write_batch(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
         items = [item for item, _ in batch]
         try:
-            async with self._lock or contextlib.nullcontext(), self._db.transaction() as session:
-                results = await self._write(session, items)
+            results = await self._store(items)
         except Exception as exc:
             if len(batch) == 1:
                 _, future = batch[0]

@@ -19,27 +19,20 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 200
 
+_LIMIT_DOC = "Items per page."
+_AFTER_DOC = "The `next` cursor of the previous page; omit for the first page."
+
 # For list routes that also take filters, and so declare their query parameters to FastAPI
 # anyway: `limit: Limit = DEFAULT_LIMIT, after: After = None`.
-Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT, description="Items per page.")]
-After = Annotated[
-    str | None,
-    Query(
-        max_length=64,
-        description="The `next` cursor of the previous page; omit for the first page.",
-    ),
-]
+Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT, description=_LIMIT_DOC)]
+After = Annotated[str | None, Query(max_length=64, description=_AFTER_DOC)]
 
 
 class PageQuery(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    limit: int = Field(DEFAULT_LIMIT, ge=1, le=MAX_LIMIT, description="Items per page.")
-    after: str | None = Field(
-        None,
-        max_length=64,
-        description="The `next` cursor of the previous page; omit for the first page.",
-    )
+    limit: int = Field(DEFAULT_LIMIT, ge=1, le=MAX_LIMIT, description=_LIMIT_DOC)
+    after: str | None = Field(None, max_length=64, description=_AFTER_DOC)
 
 
 def page_params(request: Request) -> tuple[int, str | None]:

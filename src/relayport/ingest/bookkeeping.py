@@ -20,14 +20,10 @@ from typing import Any, Literal
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from relayport.core.db import Database, utcnow
+from relayport.core.groupcommit import GroupCommit, sqlite_write_lock
 from relayport.core.platform import Platform
 from relayport.ingest import job_repository as repository
-from relayport.ingest.batcher import (
-    GroupCommit,
-    freeze_startup_objects,
-    raw_connection,
-    sqlite_write_lock,
-)
+from relayport.ingest.batcher import freeze_startup_objects, raw_connection
 from relayport.ingest.job_repository import EventToRun
 
 _CLAIMS_KEY = "ingest.job_claims"

@@ -31,16 +31,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from relayport.core.db import Database
 from relayport.core.errors import Conflict
+from relayport.core.groupcommit import GroupCommit, sqlite_write_lock
 from relayport.core.ids import new_id
 from relayport.core.outbox import OutboxMessage, outbox_values
 from relayport.core.platform import Platform
 from relayport.ingest import repository
-from relayport.ingest.batcher import (
-    GroupCommit,
-    freeze_startup_objects,
-    raw_connection,
-    sqlite_write_lock,
-)
+from relayport.ingest.batcher import freeze_startup_objects, raw_connection
 from relayport.ingest.models import Job
 from relayport.ingest.service import QUEUE
 

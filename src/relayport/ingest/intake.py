@@ -28,11 +28,11 @@ from relayport.core.errors import (
     RateLimited,
     UnsupportedMediaType,
 )
+from relayport.core.groupcommit import sqlite_write_lock
 from relayport.core.ids import is_valid, new_id
 from relayport.core.platform import Platform
 from relayport.core.ratelimit import Limit
 from relayport.ingest import events, repository, signatures
-from relayport.ingest.batcher import sqlite_write_lock
 from relayport.ingest.inbox import NewEvent, inbox_writer
 from relayport.ingest.metrics import JOBS_CREATED, UNKNOWN_SOURCE, WEBHOOKS_RECEIVED
 from relayport.ingest.models import Rejection

@@ -18,10 +18,10 @@ from time import perf_counter
 from typing import Any, Literal
 
 from relayport.core.db import utcnow
+from relayport.core.groupcommit import sqlite_write_lock
 from relayport.core.outbox import enqueue
 from relayport.core.platform import Platform
 from relayport.ingest import bookkeeping, handlers, repository
-from relayport.ingest.batcher import sqlite_write_lock
 from relayport.ingest.metrics import DLQ_MESSAGES, JOB_DURATION, JOB_RETRIES, JOBS_PROCESSED
 from relayport.ingest.service import QUEUE, cloudevent
 
