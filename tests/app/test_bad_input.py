@@ -120,3 +120,20 @@ async def test_server_keeps_serving_after_bad_input(client: httpx.AsyncClient) -
         )
         assert 400 <= response.status_code < 500, (raw[:10], response.text)
     assert (await client.get("/healthz")).status_code == 200
+
+
+async def test_nul_in_the_url_is_refused_before_any_route(
+    client: httpx.AsyncClient, account: Account
+) -> None:
+    """PostgreSQL refuses NUL in text; no id, cursor or filter can hold one."""
+    for path in (
+        "/v1/api-keys?after=%00x",
+        "/v1/api-keys/%00x",
+        "/v1/users?after=a%00",
+        "/v1/endpoints/ep%00",
+        "/v1/audit-events?action=%00",
+    ):
+        response = await client.get(path, headers=account.headers)
+        assert_problem(response, 400, "invalid-characters")
+        assert response.headers["x-request-id"]
+    assert (await client.get("/v1/api-keys", headers=account.headers)).status_code == 200

@@ -28,11 +28,18 @@ from relayport.core.security.middleware import (
     RESPONSE_HEADERS,
     SecurityHeaders,
     request_id_for,
+    send_problem,
     with_headers,
 )
 from relayport.core.telemetry.metrics import CLIENT_CLOSED, record_request
 
 _DEFAULT_HEADERS = SecurityHeaders()
+
+
+def _has_nul(scope: Scope) -> bool:
+    # No id, cursor or filter can hold NUL, and PostgreSQL refuses it in text (an error the
+    # route would not expect): refused once here, for every route.
+    return "\x00" in scope["path"] or b"%00" in scope.get("query_string", b"")
 
 
 class EdgeMiddleware:
@@ -90,7 +97,16 @@ class EdgeMiddleware:
         token = request_id_var.set(request_id)
         started = perf_counter()
         try:
-            await self.app(scope, receive, send_edge)
+            if kind == "http" and _has_nul(scope):
+                await send_problem(
+                    send_edge,
+                    400,
+                    "invalid-characters",
+                    "Invalid characters",
+                    "the URL holds a NUL character",
+                )
+            else:
+                await self.app(scope, receive, send_edge)
         except asyncio.CancelledError:
             status = status or CLIENT_CLOSED
             raise
