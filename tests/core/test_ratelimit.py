@@ -23,7 +23,7 @@ from relayport.core.ratelimit import (
     RateLimiter,
     create_rate_limiter,
 )
-from relayport.core.ratelimit_redis import RedisRateLimiter
+from relayport.core.ratelimit_redis import MAX_IN_FLIGHT, RedisRateLimiter
 from relayport.settings import Settings
 
 REDIS_URL = os.environ.get("RELAYPORT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -531,13 +531,15 @@ async def test_two_redis_instances_check_all_or_nothing_under_concurrency(
 
 
 async def test_redis_check_is_one_round_trip(redis_client: Redis, prefix: str) -> None:
+    """One EVALSHA on the limiter's own connection, and nothing through the shared client."""
     limiter = RedisRateLimiter(redis_client, prefix)
     await limiter.check(_request_limits())  # loads the script if Redis does not know it yet
-    commands: list[Any] = []
+    before = await _evalsha_calls(redis_client)
+    shared: list[Any] = []
     execute_command: Any = redis_client.execute_command
 
     async def counting(*args: Any, **options: Any) -> Any:
-        commands.append(args[0])
+        shared.append(args[0])
         return await execute_command(*args, **options)
 
     redis_client.execute_command = counting  # type: ignore[method-assign]
@@ -546,8 +548,16 @@ async def test_redis_check_is_one_round_trip(redis_client: Redis, prefix: str) -
     finally:
         del redis_client.execute_command
 
-    assert commands == ["EVALSHA"]
+    assert shared == []
+    # Other clients of this Redis may run scripts too, so one or more; never zero.
+    assert await _evalsha_calls(redis_client) > before
     assert [d.remaining for d in decisions] == [3, 8, 18]
+    await limiter.close()
+
+
+async def _evalsha_calls(client: Redis) -> int:
+    stats = await client.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
 
 
 async def test_redis_bucket_key_vanishes_once_refilled(redis_client: Redis, prefix: str) -> None:
@@ -661,16 +671,16 @@ async def test_concurrent_redis_checks_share_one_script_run_with_sequential_answ
 ) -> None:
     """Checks made in one loop turn go out as one EVALSHA, yet each call keeps its own
     all-or-nothing answer: a refused call in the middle of the batch spends nothing.
-    (The script is wrapped to count its runs; the real one still answers.)"""
+    (The batch sender is wrapped to count its runs; the real one still answers.)"""
     limiter = RedisRateLimiter(redis_client, prefix=prefix)
     runs: list[int] = []
-    real = limiter._check_script
+    real = limiter._send
 
-    async def counting(**kwargs: Any) -> Any:
-        runs.append(int(kwargs["args"][1]))  # the number of calls in this run
-        return await real(**kwargs)
+    async def counting(batch: Any) -> None:
+        runs.append(len(batch))
+        await real(batch)
 
-    limiter._check_script = counting  # type: ignore[method-assign]
+    limiter._send = counting  # type: ignore[method-assign]
     small = [Limit.bucket("small", rate=NEVER, burst=1)]
     big = [Limit.bucket("big", rate=NEVER, burst=3)]
     both = [*big, *small]
@@ -685,51 +695,75 @@ async def test_concurrent_redis_checks_share_one_script_run_with_sequential_answ
         [True],
     ]
     assert [ds[0].remaining for ds in results[2:]] == [2, 1]
+    await limiter.close()
 
 
-async def test_checks_made_while_a_script_call_is_out_wait_and_go_together(
+async def test_checks_made_while_script_calls_are_out_wait_and_go_together(
     redis_client: Redis, prefix: str
 ) -> None:
-    """While one EVALSHA is in flight, later checks queue and then share the next one, in
-    the order they were made. (The script is wrapped to hold its first run until the other
-    checks have queued and to count runs; the real one still answers.)"""
+    """Up to MAX_IN_FLIGHT batches are out at once; checks made meanwhile queue and then
+    share the next one, in the order they were made. (The script call is wrapped to hold
+    the first runs until the other checks have queued; the real one still answers.)"""
     limiter = RedisRateLimiter(redis_client, prefix=prefix)
     runs: list[int] = []
     release = asyncio.Event()
-    real = limiter._check_script
+    real = limiter._check.call
 
-    async def held(**kwargs: Any) -> Any:
-        runs.append(int(kwargs["args"][1]))
-        if len(runs) == 1:
+    async def held(packed: bytes) -> Any:
+        runs.append(packed.count(b"seq"))  # the number of checks in this run
+        if len(runs) <= MAX_IN_FLIGHT:
             await release.wait()
-        return await real(**kwargs)
+        return await real(packed)
 
-    limiter._check_script = held  # type: ignore[method-assign]
+    limiter._check.call = held  # type: ignore[method-assign]
     bucket = [Limit.bucket("seq", rate=NEVER, burst=10)]
-    first = asyncio.create_task(limiter.check(bucket))
-    await asyncio.sleep(0.01)  # the first call is out, waiting
+    out = []
+    for _ in range(MAX_IN_FLIGHT):
+        out.append(asyncio.create_task(limiter.check(bucket)))
+        await asyncio.sleep(0.01)  # this call is out, waiting
     later = [asyncio.create_task(limiter.check(bucket)) for _ in range(5)]
     for _ in range(3):
-        await asyncio.sleep(0.01)  # several loop turns pass while the first is out
-    assert runs == [1]
+        await asyncio.sleep(0.01)  # several loop turns pass while the first ones are out
+    assert runs == [1] * MAX_IN_FLIGHT
     release.set()
-    results = await asyncio.gather(first, *later)
-    assert runs == [1, 5]
-    assert [ds[0].remaining for ds in results] == [9, 8, 7, 6, 5, 4]
+    results = await asyncio.gather(*out, *later)
+    assert runs == [1] * MAX_IN_FLIGHT + [5]
+    assert [ds[0].remaining for ds in results] == list(range(9, 9 - MAX_IN_FLIGHT - 5, -1))
+    await limiter.close()
 
 
 async def test_a_redis_failure_reaches_every_batched_caller(
     redis_client: Redis, prefix: str
 ) -> None:
-    """The script is replaced by one that fails as a lost connection would."""
+    """The script call is replaced by one that fails as a lost connection would."""
     limiter = RedisRateLimiter(redis_client, prefix=prefix)
 
-    async def failing(**kwargs: Any) -> Any:
+    async def failing(packed: bytes) -> Any:
         raise RedisError("connection refused")
 
-    limiter._check_script = failing  # type: ignore[method-assign]
+    limiter._check.call = failing  # type: ignore[method-assign]
     results = await asyncio.gather(
         *(limiter.check([Limit.bucket(f"k{i}", rate=1, burst=1)]) for i in range(3)),
         return_exceptions=True,
     )
     assert all(isinstance(r, RedisError) for r in results)
+    await limiter.close()
+
+
+async def test_a_killed_connection_fails_the_check_in_flight_and_the_next_one_reconnects(
+    redis_client: Redis, prefix: str
+) -> None:
+    """Redis drops the limiter's own connection (CLIENT KILL): the check fails with a Redis
+    error (a 503 for the request that made it), and the
+    next check opens a new connection and answers from the same bucket."""
+    limiter = RedisRateLimiter(redis_client, prefix=prefix)
+    bucket = [Limit.bucket("kill", rate=NEVER, burst=10)]
+    assert (await limiter.check(bucket))[0].remaining == 9
+    link = limiter._check._link
+    assert link is not None
+    host, port = link.conn._writer.get_extra_info("sockname")[:2]
+    assert await redis_client.client_kill_filter(_type=None, addr=f"{host}:{port}") == 1
+    with pytest.raises(RedisError):
+        await limiter.check(bucket)
+    assert (await limiter.check(bucket))[0].remaining == 8
+    await limiter.close()

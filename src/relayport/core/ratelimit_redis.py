@@ -21,6 +21,7 @@ from relayport.core.ratelimit import (
     validate_hit,
     validate_quota,
 )
+from relayport.core.redis_pipe import ScriptPipe, bulk
 
 # KEYS[1]: bucket hash {tokens, ts}. ARGV: rate (tokens/s), burst, cost, epsilon.
 # The hash keeps the token count as of `ts` (microseconds of Redis time); a missing hash is a
@@ -194,7 +195,11 @@ return reply
 
 # Calls per script run: bounds the script's time inside Redis (which blocks other clients).
 MAX_BATCH = 256
-_EPSILON = repr(TOKEN_EPSILON).encode()
+# Script runs in flight at once: while Redis runs one batch, the next is already on its way
+# (with one, the event loop idles for the round trip whenever every request waits on it).
+MAX_IN_FLIGHT = 2
+_EPSILON = bulk(repr(TOKEN_EPSILON).encode())
+_COUNTS = [bulk(b"%d" % n) for n in range(33)]
 
 
 class RedisRateLimiter:
@@ -215,11 +220,11 @@ class RedisRateLimiter:
         # or SCRIPT FLUSH), so the script body crosses the wire only when needed.
         self._hit_script = client.register_script(_HIT_LUA)
         self._quota_script = client.register_script(_QUOTA_LUA)
-        self._check_script = client.register_script(_CHECK_LUA)
+        self._check = ScriptPipe(client, _CHECK_LUA)
         self._queue: list[tuple[Sequence[Limit], asyncio.Future[list[Decision]]]] = []
         self._flush_scheduled = False
         self._senders: set[asyncio.Task[None]] = set()
-        self._wires: dict[Limit, tuple[bytes, list[bytes]]] = {}
+        self._wires: dict[Limit, tuple[bytes, bytes]] = {}
 
     async def hit(self, key: str, *, rate: float, burst: int, cost: int = 1) -> Decision:
         validate_hit(rate, burst, cost)
@@ -266,7 +271,7 @@ class RedisRateLimiter:
             return []
         future: asyncio.Future[list[Decision]] = asyncio.get_running_loop().create_future()
         self._queue.append((limits, future))
-        if not self._flush_scheduled and not self._senders:
+        if not self._flush_scheduled and len(self._senders) < MAX_IN_FLIGHT:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
         return await future
@@ -281,7 +286,7 @@ class RedisRateLimiter:
 
     def _sent(self, task: asyncio.Task[None]) -> None:
         self._senders.discard(task)
-        if not self._senders and self._queue and not self._flush_scheduled:
+        if len(self._senders) < MAX_IN_FLIGHT and self._queue and not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
 
@@ -289,17 +294,22 @@ class RedisRateLimiter:
         self, batch: list[tuple[Sequence[Limit], asyncio.Future[list[Decision]]]]
     ) -> None:
         keys: list[bytes] = []
-        counts: list[int] = []
+        counts: list[bytes] = []
         args: list[bytes] = []
         for limits, _ in batch:
-            counts.append(len(limits))
+            n = len(limits)
+            counts.append(_COUNTS[n] if n < len(_COUNTS) else bulk(b"%d" % n))
             for limit in limits:
                 key, wire = self._wire(limit)
                 keys.append(key)
-                args += wire
+                args.append(wire)
+        packed = self._check.command(
+            keys,
+            [_EPSILON, bulk(b"%d" % len(batch)), *counts, *args],
+            arg_count=2 + len(batch) + 4 * len(keys),
+        )
         try:
-            reply = await self._check_script(keys=keys, args=[_EPSILON, len(batch), *counts, *args])
-            values = _ints(reply, 4 * len(keys))
+            values = _ints(await self._check.call(packed), 4 * len(keys))
         except BaseException as exc:
             for _, future in batch:
                 if not future.done():
@@ -325,8 +335,8 @@ class RedisRateLimiter:
             if not future.done():  # a cancelled caller still spent its tokens, as before
                 future.set_result(decisions)
 
-    def _wire(self, limit: Limit) -> tuple[bytes, list[bytes]]:
-        """The limit's key and arguments, encoded once (the same few limits recur)."""
+    def _wire(self, limit: Limit) -> tuple[bytes, bytes]:
+        """The limit's key and arguments as RESP, encoded once (the same few limits recur)."""
         wire = self._wires.get(limit)
         if wire is None:
             if len(self._wires) >= 10_000:
@@ -337,10 +347,12 @@ class RedisRateLimiter:
             else:
                 key = f"{self._prefix}q:{limit.key}"
                 args = ["q", "0", str(limit.limit), str(limit.cost)]
-            wire = self._wires[limit] = (key.encode(), [a.encode() for a in args])
+            wire = bulk(key.encode()), b"".join(bulk(a.encode()) for a in args)
+            self._wires[limit] = wire
         return wire
 
     async def close(self) -> None:
+        await self._check.close()
         if self._owns_client:
             await self._client.aclose()
 
