@@ -213,6 +213,78 @@ async def test_postgres_reads_survive_terminated_backends(
     assert await reads() == [2] * 5
 
 
+@pytest.fixture
+async def small_pg(settings_kwargs: dict[str, Any]) -> AsyncIterator[Database]:
+    """PostgreSQL with room for two reads at once."""
+    url = Settings(**settings_kwargs).database_url
+    if not url.startswith("postgresql"):
+        pytest.skip("PostgreSQL only: the SQLite reader has no connections to lend")
+    database = Database(url, pool_size=2)
+    try:
+        yield database
+    finally:
+        await database.dispose()
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+async def test_reads_beyond_the_pool_size_wait_for_a_connection(small_pg: Database) -> None:
+    await _seed(small_pg, "ten_a", 3)
+    pages = await asyncio.gather(*(API_KEY_READS.page(small_pg.driver, "ten_a") for _ in range(20)))
+    assert [len(p.items) for p in pages] == [3] * 20
+    kept = small_pg.driver._kept
+    assert kept is not None
+    assert kept.pool.get_size() <= 2
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+async def test_a_failed_statement_leaves_its_connection_usable(small_pg: Database) -> None:
+    await _seed(small_pg, "ten_a", 1)
+    await API_KEY_READS.page(small_pg.driver, "ten_a")
+    kept = small_pg.driver._kept
+    assert kept is not None
+    with pytest.raises(asyncpg.DivisionByZeroError):
+        await kept.fetch("SELECT 1 / $1::int", (0,))
+    assert await kept.fetch("SELECT 6 / $1::int AS x", (2,)) == [(3,)]
+    assert len((await API_KEY_READS.page(small_pg.driver, "ten_a")).items) == 1
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+async def test_a_read_cancelled_mid_query_hands_back_its_connection(small_pg: Database) -> None:
+    """The cancelled read's connection goes back to asyncpg's pool (which cancels the query
+    on the server); the next reads, more than the pool holds, still all get a connection."""
+    await _seed(small_pg, "ten_a", 1)
+    await API_KEY_READS.page(small_pg.driver, "ten_a")
+    kept = small_pg.driver._kept
+    assert kept is not None
+    slow = [asyncio.create_task(kept.fetch("SELECT pg_sleep(5)", ())) for _ in range(2)]
+    await asyncio.sleep(0.2)  # both connections are busy sleeping
+    waiting = asyncio.create_task(API_KEY_READS.page(small_pg.driver, "ten_a"))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    for task in slow:
+        task.cancel()
+    page = await asyncio.wait_for(waiting, 3)
+    assert len(page.items) == 1
+    pages = await asyncio.gather(*(API_KEY_READS.page(small_pg.driver, "ten_a") for _ in range(5)))
+    assert [len(p.items) for p in pages] == [1] * 5
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+async def test_close_ends_reads_waiting_for_a_connection(small_pg: Database) -> None:
+    await _seed(small_pg, "ten_a", 1)
+    await API_KEY_READS.page(small_pg.driver, "ten_a")
+    kept = small_pg.driver._kept
+    assert kept is not None
+    slow = [asyncio.create_task(kept.fetch("SELECT pg_sleep(0.3)", ())) for _ in range(2)]
+    await asyncio.sleep(0.1)
+    waiting = asyncio.create_task(API_KEY_READS.page(small_pg.driver, "ten_a"))
+    await asyncio.sleep(0.05)
+    await small_pg.driver.close(timeout_s=5)
+    with pytest.raises(DatabaseUnavailable):
+        await waiting
+    assert [len(r) for r in await asyncio.gather(*slow)] == [1, 1]  # reads in flight finish
+
+
 async def test_an_unreachable_postgres_is_database_unavailable() -> None:
     """Nothing listens on port 1: the first read's pool cannot connect."""
     db = Database("postgresql+asyncpg://postgres@127.0.0.1:1/nothing")
@@ -283,5 +355,5 @@ async def test_reads_after_close_are_unavailable_and_open_nothing(db: Database) 
     await db.driver.close()
     with pytest.raises(DatabaseUnavailable):
         await API_KEY_READS.page(db.driver, "ten_a")
-    assert db.driver._pool is None
+    assert db.driver._kept is None
     assert db.driver._sqlite_conns == []

@@ -2,7 +2,7 @@
 
 Why it exists: one indexed SELECT through the async ORM session costs ~750 µs of CPU here
 (aiosqlite crosses a thread four times per statement; the session, greenlet and compiled-cache
-lookups add the rest). The same statement costs ~10 µs on `sqlite3` and ~50 µs on asyncpg.
+lookups add the rest). The same statement costs ~10 µs on `sqlite3` and ~12 µs on asyncpg.
 GET routes that list or fetch a tenant's rows are the busiest paths, so they come here.
 
 The statements stay SQLAlchemy Core (one definition, both dialects), compiled once per dialect,
@@ -12,8 +12,9 @@ what the ORM would have loaded. Only reads: nothing here can write.
 SQLite: a `query_only` connection used on the event loop's thread. An indexed read of a page of
 rows takes microseconds, less than one thread hand-off; in WAL mode readers do not wait for the
 writer. The rare SQLITE_BUSY (a checkpoint restarting the WAL) falls back to the async engine.
-PostgreSQL: an asyncpg pool of its own, with SQLAlchemy's JSON codecs; a read that finds its
-connection dead (a restart, a terminated backend) is retried once on a fresh one.
+PostgreSQL: connections of an asyncpg pool of its own (SQLAlchemy's JSON codecs), kept and
+lent out without the pool's per-read bookkeeping; a read that finds its connection dead (a
+restart, a terminated backend) is retried once on a fresh one.
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ _PG_LOST = (
     asyncpg.InternalClientError,
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
+    # A kept connection the server closed while it sat idle: asyncpg hands it back to its pool
+    # by itself, and the handle we hold answers "released back to the pool".
+    asyncpg.InterfaceError,
     OSError,
 )
 # The server is there but will not answer now: a 503 at once.
@@ -140,7 +144,8 @@ class DriverReads:
         # may run loops on other threads, and a sqlite3 connection refuses foreign threads.
         self._local = threading.local()
         self._sqlite_conns: list[sqlite3.Connection] = []
-        self._pool: Any = None  # asyncpg.Pool, created on first use inside the running loop
+        # PostgreSQL connections, opened on first use inside the running loop.
+        self._kept: _KeptConnections | None = None
         self._pool_lock = asyncio.Lock()
         self._closed = False
 
@@ -199,31 +204,27 @@ class DriverReads:
     # PostgreSQL -------------------------------------------------------------------------------
 
     async def _pg_rows(self, sql: str, args: tuple[Any, ...]) -> list[Any]:
-        pool = self._pool or await self._create_pool()
+        kept = self._kept or await self._create_pool()
         try:
-            # No acquire timeout: asyncio.timeout() around it cost ~25 µs per read; the
-            # concurrency gate bounds the queue, `command_timeout` bounds each query.
-            async with pool.acquire() as conn:
-                return list(await conn.fetch(sql, *args))
+            return await kept.fetch(sql, args)
         except _PG_LOST:
             # A connection that died under us (a restart, a terminated backend): the idle ones
             # are most likely dead too, so renew them all, and try once more (a read is safe
             # to repeat).
-            await pool.expire_connections()
+            await kept.expire()
         except _PG_REFUSED as exc:
             # Slow or full: repeating would only add load.
             raise DatabaseUnavailable(str(exc) or type(exc).__name__) from exc
         try:
-            async with pool.acquire() as conn:
-                return list(await conn.fetch(sql, *args))
+            return await kept.fetch(sql, args)
         except (*_PG_LOST, *_PG_REFUSED) as exc:
             raise DatabaseUnavailable(str(exc) or type(exc).__name__) from exc
 
-    async def _create_pool(self) -> Any:
+    async def _create_pool(self) -> _KeptConnections:
         async with self._pool_lock:
             if self._closed:
                 raise DatabaseUnavailable("the database reader is closed (shutting down)")
-            if self._pool is None:
+            if self._kept is None:
                 _, kwargs = self._engine.dialect.create_connect_args(self._engine.url)
                 cache = kwargs.pop("prepared_statement_cache_size", None)
                 if cache is not None:
@@ -234,7 +235,7 @@ class DriverReads:
                 # Connecting waits behind this lock: an unreachable host must fail fast.
                 kwargs.setdefault("timeout", 5)
                 try:
-                    self._pool = await asyncpg.create_pool(
+                    pool = await asyncpg.create_pool(
                         min_size=1,
                         max_size=self._pool_size,
                         init=_pg_codecs,
@@ -243,7 +244,8 @@ class DriverReads:
                     )
                 except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
                     raise DatabaseUnavailable(str(exc) or type(exc).__name__) from exc
-        return self._pool
+                self._kept = _KeptConnections(pool, self._pool_size)
+        return self._kept
 
     async def close(self, timeout_s: float = 10) -> None:
         """Close the connections; reads after this raise DatabaseUnavailable."""
@@ -253,12 +255,112 @@ class DriverReads:
         self._sqlite_conns.clear()
         self._local = threading.local()
         async with self._pool_lock:
-            pool, self._pool = self._pool, None
-        if pool is not None:
+            kept, self._kept = self._kept, None
+        if kept is not None:
+            await kept.close(timeout_s)
+
+
+class _KeptConnections:
+    """Connections taken from an asyncpg pool once and then lent out by this object.
+
+    asyncpg's `Pool.acquire()`/`release()` cost ~45 µs of CPU per read on this machine (a
+    shield, a task, holder bookkeeping), four times the ~12 µs of the read itself. The pool
+    still opens, initialises (codecs) and closes the connections; reads borrow them from a
+    free list here. A connection in doubt (lost, timed out, cancelled mid-read) goes back to
+    the pool, which cleans up or closes it, and a new one is taken next time. A query error
+    (bad input) leaves the connection usable: outside a transaction there is nothing to undo.
+    """
+
+    def __init__(self, pool: Any, size: int) -> None:
+        self.pool = pool  # asyncpg.Pool
+        self._size = size
+        self._free: collections.deque[Any] = collections.deque()
+        self._lent = 0  # connections taken from the pool: free here or in a read
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._closed = False
+
+    async def fetch(self, sql: str, args: tuple[Any, ...]) -> list[Any]:
+        conn = await self._take()
+        try:
+            rows = await conn.fetch(sql, *args)
+        except asyncpg.PostgresError as exc:
+            if isinstance(exc, _PG_LOST):
+                await self._drop(conn)
+            else:
+                self._give(conn)
+            raise
+        except BaseException:
+            await self._drop(conn)
+            raise
+        self._give(conn)
+        return list(rows)
+
+    async def _take(self) -> Any:
+        while True:
+            if self._closed:
+                raise DatabaseUnavailable("the database reader is closed (shutting down)")
+            if self._free:
+                return self._free.pop()  # the most recently used: warm, and idle ones age out
+            if self._lent < self._size:
+                self._lent += 1
+                try:
+                    return await self.pool.acquire()
+                except BaseException:
+                    self._lent -= 1
+                    self._wake()
+                    raise
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
             try:
-                await asyncio.wait_for(pool.close(), timeout_s)
-            except TimeoutError:
-                pool.terminate()  # reads still running past the shutdown bound are cut off
+                await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake()  # woken just as it was cancelled: pass the turn on
+                raise
+
+    def _give(self, conn: Any) -> None:
+        if self._closed:
+            self._lent -= 1
+            task = asyncio.ensure_future(self.pool.release(conn))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+            return
+        self._free.append(conn)
+        self._wake()
+
+    async def _drop(self, conn: Any) -> None:
+        self._lent -= 1
+        self._wake()
+        await self.pool.release(conn)  # asyncpg finishes or cancels what was running, or closes
+
+    def _wake(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    async def expire(self) -> None:
+        """Renew every connection: idle ones now, those in a read when it ends."""
+        free, self._free = list(self._free), collections.deque()
+        self._lent -= len(free)
+        for conn in free:
+            await self.pool.release(conn)
+        await self.pool.expire_connections()
+        self._wake()
+
+    async def close(self, timeout_s: float) -> None:
+        self._closed = True
+        free, self._free = list(self._free), collections.deque()
+        self._lent -= len(free)
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)  # they find the reader closed
+        try:
+            for conn in free:
+                await self.pool.release(conn)
+            await asyncio.wait_for(self.pool.close(), timeout_s)
+        except TimeoutError:
+            self.pool.terminate()  # reads still running past the shutdown bound are cut off
 
 
 async def _keep_session(conn: Any) -> None:
