@@ -25,7 +25,7 @@ from relayport.core.auth.service import (
 )
 from relayport.core.db import Database, utcnow
 from relayport.core.errors import BadRequest, DatabaseUnavailable, NotFound
-from relayport.core.fastread import Query
+from relayport.core.fastread import Query, _KeptConnections
 from relayport.core.repository import TenantReads
 from relayport.core.tenants import Tenant
 from relayport.delivery.models import Endpoint
@@ -226,6 +226,14 @@ async def small_pg(settings_kwargs: dict[str, Any]) -> AsyncIterator[Database]:
         await database.dispose()
 
 
+async def _one_key_read_once(db: Database) -> _KeptConnections:
+    """Tenant `ten_a` with one key, read once, so the reader holds a connection."""
+    await _seed(db, "ten_a", 1)
+    await API_KEY_READS.page(db.driver, "ten_a")
+    assert db.driver._kept is not None
+    return db.driver._kept
+
+
 @pytest.mark.parametrize("backend", ["postgres"], indirect=True)
 async def test_reads_beyond_the_pool_size_wait_for_a_connection(small_pg: Database) -> None:
     await _seed(small_pg, "ten_a", 3)
@@ -238,10 +246,7 @@ async def test_reads_beyond_the_pool_size_wait_for_a_connection(small_pg: Databa
 
 @pytest.mark.parametrize("backend", ["postgres"], indirect=True)
 async def test_a_failed_statement_leaves_its_connection_usable(small_pg: Database) -> None:
-    await _seed(small_pg, "ten_a", 1)
-    await API_KEY_READS.page(small_pg.driver, "ten_a")
-    kept = small_pg.driver._kept
-    assert kept is not None
+    kept = await _one_key_read_once(small_pg)
     with pytest.raises(asyncpg.DivisionByZeroError):
         await kept.fetch("SELECT 1 / $1::int", (0,))
     assert await kept.fetch("SELECT 6 / $1::int AS x", (2,)) == [(3,)]
@@ -252,10 +257,7 @@ async def test_a_failed_statement_leaves_its_connection_usable(small_pg: Databas
 async def test_a_read_cancelled_mid_query_hands_back_its_connection(small_pg: Database) -> None:
     """The cancelled read's connection goes back to asyncpg's pool (which cancels the query
     on the server); the next reads, more than the pool holds, still all get a connection."""
-    await _seed(small_pg, "ten_a", 1)
-    await API_KEY_READS.page(small_pg.driver, "ten_a")
-    kept = small_pg.driver._kept
-    assert kept is not None
+    kept = await _one_key_read_once(small_pg)
     slow = [asyncio.create_task(kept.fetch("SELECT pg_sleep(5)", ())) for _ in range(2)]
     await asyncio.sleep(0.2)  # both connections are busy sleeping
     waiting = asyncio.create_task(API_KEY_READS.page(small_pg.driver, "ten_a"))
@@ -271,10 +273,7 @@ async def test_a_read_cancelled_mid_query_hands_back_its_connection(small_pg: Da
 
 @pytest.mark.parametrize("backend", ["postgres"], indirect=True)
 async def test_close_ends_reads_waiting_for_a_connection(small_pg: Database) -> None:
-    await _seed(small_pg, "ten_a", 1)
-    await API_KEY_READS.page(small_pg.driver, "ten_a")
-    kept = small_pg.driver._kept
-    assert kept is not None
+    kept = await _one_key_read_once(small_pg)
     slow = [asyncio.create_task(kept.fetch("SELECT pg_sleep(0.3)", ())) for _ in range(2)]
     await asyncio.sleep(0.1)
     waiting = asyncio.create_task(API_KEY_READS.page(small_pg.driver, "ten_a"))

@@ -6,9 +6,8 @@ from typing import Any
 
 import orjson
 from fastapi import APIRouter, Request, Response
-from starlette.types import Receive, Scope, Send
 
-from relayport.core.asgi_route import send_json, served_by
+from relayport.core.asgi_route import add_json_route
 from relayport.core.auth import service
 from relayport.core.auth.schemas import (
     ApiKeyCreate,
@@ -141,32 +140,23 @@ async def logout(body: RefreshRequest, request: Request, session: SessionDep) ->
     return Response(status_code=204)
 
 
-async def _ping_body(request: Request) -> bytes:
+async def ping(request: Request) -> bytes:
+    """Answers when the credentials are valid, without touching the database. Role: viewer."""
     principal = await authorize(request, "viewer")
     return orjson.dumps(
         {"status": "ok", "principal": principal.id, "tenant_id": principal.tenant_id}
     )
 
 
-async def _serve_ping(scope: Scope, receive: Receive, send: Send) -> None:
-    await send_json(send, 200, await _ping_body(Request(scope, receive)))
-
-
-async def ping(request: Request) -> Response:
-    """Answers when the credentials are valid, without touching the database. Role: viewer."""
-    # Served by `_serve_ping` (see core.asgi_route): the route exists to be cheap, and FastAPI's
-    # request handling cost more than everything it does. This function documents it.
-    return Response(await _ping_body(request), media_type="application/json")
-
-
-router.add_api_route(
+# Served without FastAPI's request handling (core.asgi_route): the route exists to be cheap.
+add_json_route(
+    router,
     "/ping",
     ping,
     methods=["GET"],
     response_model=PingResponse,
     tags=["auth"],
     summary="Check credentials",
-    route_class_override=served_by(_serve_ping),
 )
 
 
@@ -247,7 +237,8 @@ async def create_api_key(
     return ApiKeyCreated(**_key(key).model_dump(), key=secret)
 
 
-async def _api_keys_body(request: Request) -> bytes:
+async def list_api_keys(request: Request) -> bytes:
+    """API keys of the tenant (never their secrets), newest first. Role: admin."""
     principal = await authorize(request, "admin")
     limit, after = page_params(request)
     page = await service.API_KEY_READS.page(
@@ -257,26 +248,14 @@ async def _api_keys_body(request: Request) -> bytes:
 
 
 _KEY_LIST = ListResponse[ApiKeyOut]
-
-
-async def _serve_api_keys(scope: Scope, receive: Receive, send: Send) -> None:
-    await send_json(send, 200, await _api_keys_body(Request(scope, receive)))
-
-
-async def list_api_keys(request: Request) -> Response:
-    """API keys of the tenant (never their secrets), newest first. Role: admin."""
-    # Served by `_serve_api_keys` (see core.asgi_route); this function documents it.
-    return Response(await _api_keys_body(request), media_type="application/json")
-
-
-router.add_api_route(
+add_json_route(
+    router,
     "/api-keys",
     list_api_keys,
     methods=["GET"],
-    response_model=ListResponse[ApiKeyOut],
+    response_model=_KEY_LIST,
     tags=["api-keys"],
     openapi_extra=page_openapi(),
-    route_class_override=served_by(_serve_api_keys),
 )
 
 
