@@ -7,12 +7,11 @@ from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Query, Request, Response
-from fastapi._body_limit import wrap_app_with_body_limit
-from fastapi.routing import APIRoute
 from pydantic import AwareDatetime
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
+from relayport.core.asgi_route import send_json, served_by
 from relayport.core.deps import Operator, PlatformDep, ReadSessionDep, SessionDep, Viewer, client_ip
 from relayport.core.limits import owed_ip_limit, route_spends_ip_limit
 from relayport.core.paging import After, Limit
@@ -107,37 +106,16 @@ async def _ingest(scope: Scope, receive: Receive) -> tuple[int, bytes, list[tupl
 
 async def _serve_ingest(scope: Scope, receive: Receive, send: Send) -> None:
     status, payload, extra = await _ingest(scope, receive)
-    headers = [
-        (b"content-length", str(len(payload)).encode()),
-        (b"content-type", b"application/json"),
-        *extra,
-    ]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": payload})
-
-
-class IngestRoute(APIRoute):
-    """The ingest route: declared, validated and documented by FastAPI like any other, served
-    by `_serve_ingest`, a plain ASGI function.
-
-    This is the hottest public path. FastAPI's request handling (a Request, two exit stacks,
-    dependency solving, per-route exception wrapping, a Response object) cost more CPU per
-    delivery than verifying and storing it; the route takes only a path parameter and the raw
-    body, so none of that does anything here. Errors are raised as before and reach the app's
-    exception handlers through Starlette's ExceptionMiddleware, so answers are identical.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        # As APIRoute wraps its own handler (a no-op unless the route sets max_body_size).
-        self.app = wrap_app_with_body_limit(_serve_ingest, self.max_body_size)
+    await send_json(send, status, payload, extra)
 
 
 async def ingest(source_id: str, request: Request) -> Response:
     """Public: the provider's signature is the credential. 202 once the event is durably in
     the inbox with its job; 200 `{"status": "duplicate"}` for a delivery already received."""
-    # Served by `_serve_ingest` (see IngestRoute); this function gives the route its OpenAPI
-    # description and serves it only where FastAPI wraps the route itself (an included router).
+    # Served by `_serve_ingest`, a plain ASGI function (core.asgi_route): this is the hottest
+    # public path, and FastAPI's request handling cost more CPU per delivery than verifying
+    # and storing it. This function gives the route its OpenAPI description and serves it only
+    # where FastAPI wraps the route itself (an included router).
     status, payload, extra = await _ingest(request.scope, request.receive)
     response = Response(payload, status_code=status, media_type="application/json")
     response.raw_headers.extend(extra)
@@ -160,7 +138,7 @@ router.add_api_route(
         503: {"description": "The delivery could not be stored; send it again."},
         **_PROBLEMS,
     },
-    route_class_override=IngestRoute,
+    route_class_override=served_by(_serve_ingest),
 )
 # The route spends the client IP's bucket together with the source's limits (one limiter call
 # per delivery), before the body is read or the signature checked.
