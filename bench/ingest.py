@@ -512,11 +512,11 @@ def _problem_type(body: bytes) -> str:
 def loadgen_main(spec_json: str) -> None:
     import uvloop
 
-    result = uvloop.run(_load(json.loads(spec_json)))
-    # The event loop may leave stdout non-blocking; a result larger than the pipe's buffer (at
-    # 4,000 req/s) was then cut off at 128 KiB when the reader was slow.
-    os.set_blocking(sys.stdout.fileno(), True)
-    print(json.dumps(result), flush=True)
+    spec = json.loads(spec_json)
+    result = uvloop.run(_load(spec))
+    # To a file, not stdout: a result larger than a pipe's buffer was cut off at 128 KiB (the
+    # event loop may leave stdout non-blocking).
+    Path(spec["result_path"]).write_text(json.dumps(result))
 
 
 # --- measuring --------------------------------------------------------------------------------
@@ -565,28 +565,32 @@ async def measure(
         "client": args.client,
         "secret": secret,
     }
+    fd, result_path = tempfile.mkstemp(prefix="relayport-bench-ingest-", suffix=".json")
+    os.close(fd)
+    spec["result_path"] = result_path
     cpu0 = [cpu_seconds(p) for p in procs]
     ticks0 = machine_ticks()
     child = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bench.ingest", "_loadgen", json.dumps(spec),
-        cwd=ROOT, stdout=asyncio.subprocess.PIPE, limit=2**27,
+        cwd=ROOT,
     )  # fmt: skip
     spies: list[asyncio.subprocess.Process] = []
     try:
         if args.py_spy is not None and row.target == "relayport":
             spies = await _start_py_spy(row, procs, args)
-        out = await asyncio.wait_for(child.communicate(), args.warmup + args.duration + 120)
+        await asyncio.wait_for(child.wait(), args.warmup + args.duration + 120)
+        if child.returncode != 0:
+            raise BenchError(f"load generator exited with {child.returncode}")
+        part = json.loads(Path(result_path).read_text())  # noqa: ASYNC240 (the window is over)
     finally:
+        Path(result_path).unlink(missing_ok=True)  # noqa: ASYNC240
         if child.returncode is None:
             child.kill()
             await child.wait()
         for spy in spies:
             await _stop_py_spy(spy)
-    if child.returncode != 0:
-        raise BenchError(f"load generator exited with {child.returncode}")
     cpu1 = [cpu_seconds(p) for p in procs]
     ticks1 = machine_ticks()
-    part = json.loads(out[0].decode().strip().splitlines()[-1])
     wall = part["wall_s"]
     row.measured = part["measured"]
     row.window_s = part["window_s"]

@@ -663,14 +663,7 @@ async def test_concurrent_redis_checks_share_one_script_run_with_sequential_answ
     all-or-nothing answer: a refused call in the middle of the batch spends nothing.
     (The script is wrapped to count its runs; the real one still answers.)"""
     limiter = RedisRateLimiter(redis_client, prefix=prefix)
-    runs: list[int] = []
-    real = limiter._check_script
-
-    async def counting(**kwargs: Any) -> Any:
-        runs.append(int(kwargs["args"][1]))  # the number of calls in this run
-        return await real(**kwargs)
-
-    limiter._check_script = counting  # type: ignore[method-assign]
+    runs = _count_script_runs(limiter)
     small = [Limit.bucket("small", rate=NEVER, burst=1)]
     big = [Limit.bucket("big", rate=NEVER, burst=3)]
     both = [*big, *small]
@@ -694,17 +687,8 @@ async def test_checks_made_while_a_script_call_is_out_wait_and_go_together(
     the order they were made. (The script is wrapped to hold its first run until the other
     checks have queued and to count runs; the real one still answers.)"""
     limiter = RedisRateLimiter(redis_client, prefix=prefix)
-    runs: list[int] = []
     release = asyncio.Event()
-    real = limiter._check_script
-
-    async def held(**kwargs: Any) -> Any:
-        runs.append(int(kwargs["args"][1]))
-        if len(runs) == 1:
-            await release.wait()
-        return await real(**kwargs)
-
-    limiter._check_script = held  # type: ignore[method-assign]
+    runs = _count_script_runs(limiter, hold_first=release)
     bucket = [Limit.bucket("seq", rate=NEVER, burst=10)]
     first = asyncio.create_task(limiter.check(bucket))
     await asyncio.sleep(0.01)  # the first call is out, waiting
@@ -724,12 +708,100 @@ async def test_a_redis_failure_reaches_every_batched_caller(
     """The script is replaced by one that fails as a lost connection would."""
     limiter = RedisRateLimiter(redis_client, prefix=prefix)
 
-    async def failing(**kwargs: Any) -> Any:
+    async def failing(keys: Any, args: Any) -> Any:
         raise RedisError("connection refused")
 
-    limiter._check_script = failing  # type: ignore[method-assign]
+    limiter._eval_check = failing  # type: ignore[method-assign]
     results = await asyncio.gather(
         *(limiter.check([Limit.bucket(f"k{i}", rate=1, burst=1)]) for i in range(3)),
         return_exceptions=True,
     )
     assert all(isinstance(r, RedisError) for r in results)
+
+
+def _count_script_runs(
+    limiter: RedisRateLimiter, hold_first: asyncio.Event | None = None
+) -> list[int]:
+    """Wrap the limiter's script call: the list gets the number of check() calls of each run
+    (the real script still answers); the first run waits for `hold_first` when given."""
+    runs: list[int] = []
+    real_send = limiter._send
+    real_eval = limiter._eval_check
+    batch_sizes: list[int] = []
+
+    async def send(batch: Any) -> None:
+        batch_sizes.append(len(batch))
+        await real_send(batch)
+
+    async def evaluate(keys: Any, args: Any) -> Any:
+        runs.append(batch_sizes[-1])
+        if hold_first is not None and len(runs) == 1:
+            await hold_first.wait()
+        return await real_eval(keys, args)
+
+    limiter._send = send  # type: ignore[method-assign]
+    limiter._eval_check = evaluate  # type: ignore[method-assign]
+    return runs
+
+
+async def test_one_script_run_answers_as_the_same_checks_made_one_at_a_time(
+    redis_client: Redis, prefix: str
+) -> None:
+    """A run of many calls that share limits (each distinct limit sent once, each key read and
+    written once per run) gives every call the answer, and leaves Redis the state, that the
+    same calls made one after the other give: refusals in the middle, a key listed twice in
+    a call, a quota running out, buckets and quotas on one key name."""
+    ip = Limit.bucket("ip", rate=NEVER, burst=7)
+    source = Limit.bucket("src", rate=NEVER, burst=5)
+    tenant = Limit.bucket("ten", rate=NEVER, burst=100)
+    quota = Limit.daily_quota("day", limit=6)
+    double = Limit.bucket("dbl", rate=NEVER, burst=9)
+    pricey = Limit.bucket("src", rate=NEVER, burst=5, cost=3)  # same key as `source`
+    calls = [
+        [ip, source, tenant, quota],
+        [ip, double, double],
+        [ip, source, tenant, quota],
+        [pricey, quota],
+        [ip, source, tenant, quota],
+        [Limit.bucket("ip", rate=NEVER, burst=7), source, tenant, quota],  # equal, not same
+        [double, double, quota],
+        [ip, source, tenant, quota],
+        [ip, source, tenant, quota],
+        [quota],
+        [ip, double, double],
+    ]
+    batched = RedisRateLimiter(redis_client, prefix=prefix + "a:")
+    runs = _count_script_runs(batched)
+    together = await asyncio.gather(*(batched.check(c) for c in calls))
+    assert runs == [len(calls)]
+    alone = RedisRateLimiter(redis_client, prefix=prefix + "b:")
+    one_by_one = [await alone.check(c) for c in calls]
+
+    def answers(results: list[list[Decision]]) -> list[list[tuple[bool, int, int]]]:
+        return [[(d.allowed, d.remaining, d.limit) for d in ds] for ds in results]
+
+    assert answers(together) == answers(one_by_one)
+    assert any(not d.allowed for ds in together for d in ds), "the case needs refusals"
+    for name in ("b:ip", "b:src", "b:ten", "b:dbl"):
+        a = await redis_client.hget(f"{prefix}a:{name}", "tokens")
+        b = await redis_client.hget(f"{prefix}b:{name}", "tokens")
+        # One by one, a little time passes between calls: NEVER refills a hair meanwhile.
+        assert a is not None
+        assert b is not None
+        assert float(a) == pytest.approx(float(b), abs=1e-6), name
+        assert await redis_client.pttl(f"{prefix}a:{name}") > 0
+    assert await redis_client.get(f"{prefix}a:q:day") == await redis_client.get(f"{prefix}b:q:day")
+    assert await redis_client.get(f"{prefix}a:q:day") == b"5"  # refused calls spend none
+
+
+async def test_redis_check_loads_its_script_when_redis_does_not_know_it(
+    redis_client: Redis, prefix: str
+) -> None:
+    """After a Redis restart or SCRIPT FLUSH the script's hash is unknown (NOSCRIPT): the
+    limiter loads it and answers."""
+    limiter = RedisRateLimiter(redis_client, prefix=prefix)
+    limiter._check_sha = "0" * 40  # what Redis has never seen
+    (decision,) = await limiter.check([Limit.bucket("noscript", rate=NEVER, burst=2)])
+    assert decision.allowed
+    assert decision.remaining == 1
+    assert limiter._check_sha != "0" * 40
