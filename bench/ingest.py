@@ -539,6 +539,8 @@ class Row:
     send_lag_p99_ms: float = 0.0
     # PostgreSQL: jobs not yet succeeded once the worker had `settle()`'s time after the rate.
     jobs_behind: int | None = None
+    # PostgreSQL: deliveries per intake transaction (jobs created / outbox messages) at this rate.
+    batch_rows: float | None = None
 
     @property
     def accepted_rps(self) -> float:
@@ -682,7 +684,7 @@ def rabbit_vhost(amqp_url: str) -> Any:
 @contextlib.asynccontextmanager
 async def profile_env(profile: str, args: Any, data_dir: Path) -> AsyncIterator[dict[str, str]]:
     async with backing(profile, args, data_dir) as env:
-        env = env | INGEST_LIMITS
+        env = env | INGEST_LIMITS | {f"RELAYPORT_INGEST__{k.upper()}": v for k, v in args.ingest}
         if profile == "embedded":
             yield env
             return
@@ -793,6 +795,11 @@ def report(rows: list[Row], args: Any) -> list[str]:
             "",
             "Worker: jobs not yet succeeded after each rate plus the settle wait (up to 8 s): "
             + ", ".join(f"{r.rate:.0f}/s: {r.jobs_behind}" for r in behind),
+            "Deliveries per intake transaction (new jobs / outbox messages): "
+            + ", ".join(
+                f"{r.rate:.0f}/s: {'n/a' if r.batch_rows is None else f'{r.batch_rows:.1f}'}"
+                for r in behind
+            ),
         ]
     for r in rows:
         if r.errors:
@@ -812,9 +819,12 @@ async def run_target(
     procs: list[int],
     secret: str,
     args: Any,
-    jobs_behind: Callable[[], Awaitable[int]] | None = None,
+    jobs_behind: Callable[[], Awaitable[tuple[int, int, int]]] | None = None,
 ) -> list[Row]:
     rows: list[Row] = []
+    counted = (0, 0)  # jobs and ingest outbox messages so far
+    if jobs_behind is not None:
+        counted = (await jobs_behind())[1:]
     print(f"  [{profile}] {target}: POST {url}", flush=True)
     for rate in args.rates:
         row = await measure(Row(profile, target, rate), url, procs, secret, args)
@@ -825,25 +835,35 @@ async def run_target(
             if waited > 1:
                 print(f"    (waited {waited:.1f} s for the backlog to settle)", flush=True)
             if jobs_behind is not None:
-                row.jobs_behind = await jobs_behind()
-                print(f"    jobs not yet succeeded after that: {row.jobs_behind}", flush=True)
+                row.jobs_behind, jobs, messages = await jobs_behind()
+                if messages > counted[1]:
+                    row.batch_rows = (jobs - counted[0]) / (messages - counted[1])
+                counted = (jobs, messages)
+                print(
+                    f"    jobs not yet succeeded after that: {row.jobs_behind}; deliveries per "
+                    f"intake transaction: {row.batch_rows or 0:.1f}",
+                    flush=True,
+                )
     return rows
 
 
-def pending_jobs(database_url: str) -> Callable[[], Awaitable[int]]:
-    """Counts the jobs the worker has not finished yet (did it keep up with intake?)."""
+def pending_jobs(database_url: str) -> Callable[[], Awaitable[tuple[int, int, int]]]:
+    """Counts the jobs the worker has not finished yet (did it keep up with intake?), all jobs,
+    and the ingest outbox messages (one per intake transaction and tenant)."""
 
-    async def count() -> int:
+    async def count() -> tuple[int, int, int]:
         import asyncpg
 
         conn = await asyncpg.connect(database_url, timeout=10)
         try:
-            value = await conn.fetchval(
-                "SELECT count(*) FROM ingest_jobs WHERE status <> 'succeeded'"
+            row = await conn.fetchrow(
+                "SELECT (SELECT count(*) FROM ingest_jobs WHERE status <> 'succeeded'),"
+                " (SELECT count(*) FROM ingest_jobs),"
+                " (SELECT count(*) FROM outbox WHERE topic = 'ingest.jobs')"
             )
         finally:
             await conn.close()
-        return int(value)
+        return int(row[0]), int(row[1]), int(row[2])
 
     return count
 
@@ -968,6 +988,13 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="sample Relayport's server and worker with py-spy (100 Hz) during each window",
     )
+    parser.add_argument(
+        "--ingest",
+        metavar="NAME=VALUE",
+        action="append",
+        default=[],
+        help="an ingest setting for Relayport (RELAYPORT_INGEST__NAME), e.g. batch_max_wait_ms=5",
+    )
     parser.add_argument("--pg-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--amqp-url", default="amqp://guest:guest@127.0.0.1:5672")
@@ -978,6 +1005,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--rates takes comma-separated numbers")
     if not args.rates or min(args.rates) <= 0 or args.duration <= 0 or args.warmup < 0:
         parser.error("need rates > 0, --duration > 0, --warmup >= 0")
+    try:
+        args.ingest = [tuple(item.split("=", 1)) for item in args.ingest]
+    except ValueError:
+        parser.error("--ingest takes NAME=VALUE")
+    if any(len(item) != 2 for item in args.ingest):
+        parser.error("--ingest takes NAME=VALUE")
     if args.max_inflight < 1:
         parser.error("--max-inflight must be >= 1")
     try:
