@@ -1,12 +1,12 @@
 """Inbound webhook throughput: open-loop load on Relayport's ingest endpoint and two baselines.
 
-    .venv/bin/python -m bench.ingest [--rates 500,1000,2000,3000,4000] [--duration 8] [--warmup 1]
-        [--profiles embedded,postgres] [--max-inflight 2000] [--no-worker] [--worker-nice 10]
-        [--py-spy DIR]
+    .venv/bin/python -m bench.ingest [--rates 500,1000,2000,3000,4000,5000,6000] [--duration 8]
+        [--warmup 1] [--profiles embedded,postgres] [--max-inflight 2000] [--no-worker]
+        [--worker-nice 10] [--client raw|aiohttp] [--ingest NAME=VALUE ...] [--py-spy DIR]
         [--pg-url postgresql://postgres@127.0.0.1:5432/postgres]
         [--redis-url redis://127.0.0.1:6379/0] [--amqp-url amqp://guest:guest@127.0.0.1:5672]
 
-About 5 minutes with the defaults (4 targets x 5 rates x (warm-up + duration + drain)).
+About 6 minutes with the defaults (4 targets x 7 rates x (warm-up + duration + drain)).
 
 Targets, each a real uvicorn process on 127.0.0.1 (one worker, uvloop + httptools, access log
 off), started and stopped by this script:
@@ -959,7 +959,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.ingest", description=__doc__)
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument(
-        "--rates", default="500,1000,2000,3000,4000", help="offered req/s, comma-separated"
+        "--rates",
+        default="500,1000,2000,3000,4000,5000,6000",
+        help="offered req/s, comma-separated",
     )
     parser.add_argument("--duration", type=float, default=8, help="measured seconds per rate")
     parser.add_argument("--warmup", type=float, default=1, help="uncounted seconds per rate")
