@@ -1,11 +1,12 @@
 """Inbound webhook throughput: open-loop load on Relayport's ingest endpoint and two baselines.
 
-    .venv/bin/python -m bench.ingest [--rates 500,1000,2000,4000] [--duration 8] [--warmup 1]
-        [--profiles embedded,postgres] [--max-inflight 2000] [--no-worker] [--worker-nice 10]
+    .venv/bin/python -m bench.ingest [--rates 500,1000,2000,3000,4000,5000,6000] [--duration 8]
+        [--warmup 1] [--profiles embedded,postgres] [--max-inflight 2000] [--no-worker]
+        [--worker-nice 10] [--client raw|aiohttp] [--ingest NAME=VALUE ...] [--py-spy DIR]
         [--pg-url postgresql://postgres@127.0.0.1:5432/postgres]
         [--redis-url redis://127.0.0.1:6379/0] [--amqp-url amqp://guest:guest@127.0.0.1:5672]
 
-About 4 minutes with the defaults (4 targets x 4 rates x (warm-up + duration + drain)).
+About 6 minutes with the defaults (4 targets x 7 rates x (warm-up + duration + drain)).
 
 Targets, each a real uvicorn process on 127.0.0.1 (one worker, uvloop + httptools, access log
 off), started and stopped by this script:
@@ -51,7 +52,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 from fastapi import Request  # at module level: the endpoint's annotation is resolved here
@@ -63,6 +64,8 @@ from bench.http_overhead import (
     _clean_env,
     _free_port,
     _percentile,
+    _py_spy_binary,
+    _stop_py_spy,
     backing,
     cpu_seconds,
     machine_info,
@@ -176,6 +179,234 @@ def _requests(n: int, secret: str) -> list[tuple[bytes, dict[str, str]]]:
 
 
 async def _load(spec: dict[str, Any]) -> dict[str, Any]:
+    if spec.get("client", "raw") == "raw":
+        return await _load_raw(spec)
+    return await _load_aiohttp(spec)
+
+
+class _RawConnection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection of the raw load generator: one request at a time,
+    answers parsed by httptools (the server side's parser)."""
+
+    def __init__(self, gen: _RawLoad) -> None:
+        import httptools
+
+        self.gen = gen
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.current: tuple[int, float] | None = None  # (request index, scheduled time)
+        self.started = 0.0
+        self.body: list[bytes] = []
+        self.closed = False
+        gen.conns.append(self)
+
+    # asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except Exception as exc:  # a malformed answer: the request failed, the connection too
+            self.fail(f"bad response: {exc!r}")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.fail("connection closed")
+
+    # httptools callbacks
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        current, self.current = self.current, None
+        if current is None:
+            return
+        status = self.parser.get_status_code()
+        body, self.body = b"".join(self.body), []
+        keep = self.parser.should_keep_alive()
+        self.gen.answered(current, status, body)
+        if keep and not self.closed:
+            self.gen.idle.append(self)
+        else:
+            self.close()
+
+    def send(self, index: int, scheduled: float, request: bytes) -> None:
+        assert self.transport is not None
+        self.current = (index, scheduled)
+        self.started = time.perf_counter()
+        self.transport.write(request)
+
+    def fail(self, why: str) -> None:
+        current, self.current = self.current, None
+        if current is not None:
+            self.gen.failed(current, why)
+        self.close()
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+
+class _RawLoad:
+    """Open-loop load over plain keep-alive connections, without an HTTP client library.
+
+    At 2,000-4,000 req/s aiohttp's client took 70-100% of a core on this 2-core machine, the
+    same CPU the server under test needs; this one writes pre-encoded requests and parses
+    answers with httptools, on callbacks (no task per request). Same semantics as the aiohttp
+    client: connections are reused while idle and opened (up to the in-flight cap) when none
+    is; latency counts from the scheduled send time; a request unanswered after
+    REQUEST_TIMEOUT_S fails as a timeout.
+    """
+
+    def __init__(self, spec: dict[str, Any], requests: list[bytes], n_warm: int) -> None:
+        split = urlsplit(spec["url"])
+        self.host = split.hostname or "127.0.0.1"
+        self.port = split.port or 80
+        self.requests = requests
+        self.n_warm = n_warm
+        self.conns: list[_RawConnection] = []  # every connection opened
+        self.idle: list[_RawConnection] = []
+        self.inflight = 0
+        self.latencies_us: list[int] = []
+        self.done_at: list[float] = []
+        self.errors: Counter[str] = Counter()
+        self.samples: dict[str, str] = {}
+        self.send_lag_us: list[int] = []
+
+    def answered(self, current: tuple[int, float], status: int, body: bytes) -> None:
+        self.inflight -= 1
+        index, scheduled = current
+        if index < self.n_warm:
+            return
+        now = time.perf_counter()
+        if 200 <= status < 300:
+            self.latencies_us.append(round((now - scheduled) * 1e6))
+            self.done_at.append(now)
+            return
+        label = f"HTTP {status}"
+        if status >= 400:
+            label += _problem_type(body)
+        self.errors[label] += 1
+        self.samples.setdefault(label, body.decode(errors="replace")[:300])
+
+    def failed(self, current: tuple[int, float], why: str) -> None:
+        self.inflight -= 1
+        if current[0] >= self.n_warm:
+            self.errors["connection error/timeout"] += 1
+            self.samples.setdefault("connection error/timeout", why)
+
+    def start(self, index: int, scheduled: float) -> asyncio.Task[None] | None:
+        """Send on an idle connection; or, when none is, on a new one (a task only then)."""
+        while self.idle:
+            conn = self.idle.pop()
+            if not conn.closed:
+                self._send(conn, index, scheduled)
+                return None
+        return asyncio.get_running_loop().create_task(self._connect_and_send(index, scheduled))
+
+    async def _connect_and_send(self, index: int, scheduled: float) -> None:
+        try:
+            _, conn = await asyncio.get_running_loop().create_connection(
+                lambda: _RawConnection(self), self.host, self.port
+            )
+        except OSError as exc:
+            self.failed((index, scheduled), repr(exc))
+            return
+        self._send(conn, index, scheduled)
+
+    def _send(self, conn: _RawConnection, index: int, scheduled: float) -> None:
+        if index >= self.n_warm:
+            self.send_lag_us.append(round((time.perf_counter() - scheduled) * 1e6))
+        conn.send(index, scheduled, self.requests[index])
+
+    def sweep(self) -> None:
+        """Fail requests older than REQUEST_TIMEOUT_S (their connection is closed)."""
+        limit = time.perf_counter() - REQUEST_TIMEOUT_S
+        for conn in [c for c in self.conns if c.current and c.started < limit]:
+            conn.fail("timeout")
+        self.conns = [c for c in self.conns if not c.closed]
+
+
+async def _load_raw(spec: dict[str, Any]) -> dict[str, Any]:
+    rate: float = spec["rate"]
+    warmup: float = spec["warmup"]
+    duration: float = spec["duration"]
+    cap: int = spec["max_inflight"]
+    n_warm = round(rate * warmup)
+    n = n_warm + round(rate * duration)
+    split = urlsplit(spec["url"])
+    head = f"POST {split.path} HTTP/1.1\r\nHost: {split.netloc}\r\n".encode()
+    requests = []
+    for body, headers in _requests(n, spec["secret"]):
+        lines = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        requests.append(
+            head
+            + f"{lines}Accept: */*\r\nUser-Agent: relayport-bench\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+    gen = _RawLoad(spec, requests, n_warm)
+    pending: set[asyncio.Task[None]] = set()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    t0 = time.perf_counter() + 0.05
+    window_start = t0 + n_warm / rate
+    next_sweep = t0 + 0.5
+    i = 0
+    while i < n:
+        now = time.perf_counter()
+        due = min(n, int((now - t0) * rate) + 1)
+        while i < due:
+            scheduled = t0 + i / rate
+            if gen.inflight >= cap:
+                if i >= n_warm:
+                    gen.errors["in-flight cap"] += 1
+            else:
+                gen.inflight += 1
+                task = gen.start(i, scheduled)
+                if task is not None:
+                    pending.add(task)
+                    task.add_done_callback(pending.discard)
+            i += 1
+        if now >= next_sweep:
+            gen.sweep()
+            next_sweep = now + 0.5
+        if i < n:
+            # At least 1 ms: uvloop's timers have millisecond resolution, and shorter sleeps
+            # spun (measured: 62% of a core at 2,000 req/s against 12% with asyncio's loop).
+            # What falls due meanwhile goes out together; latency still counts from the
+            # scheduled time.
+            await asyncio.sleep(max(0.001, t0 + i / rate - time.perf_counter()))
+    window_end = t0 + n / rate
+    deadline = window_end + DRAIN_S
+    while gen.inflight > 0 and time.perf_counter() < deadline:
+        gen.sweep()
+        await asyncio.sleep(0.01)
+    if gen.inflight > 0:
+        gen.errors["unanswered after drain"] += gen.inflight
+    for conn in gen.conns:
+        conn.current = None
+        conn.close()
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    last = max(gen.done_at, default=window_end)
+    return {
+        "measured": n - n_warm,
+        "window_s": max(duration, last - window_start),
+        "latencies_us": gen.latencies_us,
+        "send_lag_p99_us": _percentile(sorted(gen.send_lag_us), 0.99) if gen.send_lag_us else 0,
+        "errors": dict(gen.errors),
+        "samples": gen.samples,
+        "client_cpu_s": (after.ru_utime - usage.ru_utime) + (after.ru_stime - usage.ru_stime),
+        "wall_s": time.perf_counter() - t0,
+    }
+
+
+async def _load_aiohttp(spec: dict[str, Any]) -> dict[str, Any]:
     import aiohttp
 
     rate: float = spec["rate"]
@@ -281,11 +512,11 @@ def _problem_type(body: bytes) -> str:
 def loadgen_main(spec_json: str) -> None:
     import uvloop
 
-    result = uvloop.run(_load(json.loads(spec_json)))
-    # The event loop may leave stdout non-blocking; a result larger than the pipe's buffer (at
-    # 4,000 req/s) was then cut off at 128 KiB when the reader was slow.
-    os.set_blocking(sys.stdout.fileno(), True)
-    print(json.dumps(result), flush=True)
+    spec = json.loads(spec_json)
+    result = uvloop.run(_load(spec))
+    # To a file, not stdout: a result larger than a pipe's buffer was cut off at 128 KiB (the
+    # event loop may leave stdout non-blocking).
+    Path(spec["result_path"]).write_text(json.dumps(result))
 
 
 # --- measuring --------------------------------------------------------------------------------
@@ -301,12 +532,15 @@ class Row:
     latencies_us: list[int] = field(default_factory=list)
     errors: dict[str, int] = field(default_factory=dict)
     samples: dict[str, str] = field(default_factory=dict)
-    server_cpu: float | None = None
+    server_cpu: float | None = None  # the server process (the API for relayport)
+    worker_cpu: float | None = None  # postgres: the `relayport worker` process
     client_cpu: float = 0.0
     other_cpu: float | None = None
     send_lag_p99_ms: float = 0.0
     # PostgreSQL: jobs not yet succeeded once the worker had `settle()`'s time after the rate.
     jobs_behind: int | None = None
+    # PostgreSQL: deliveries per intake transaction (jobs created / outbox messages) at this rate.
+    batch_rows: float | None = None
 
     @property
     def accepted_rps(self) -> float:
@@ -330,25 +564,35 @@ async def measure(
         "warmup": args.warmup,
         "duration": args.duration,
         "max_inflight": args.max_inflight,
+        "client": args.client,
         "secret": secret,
     }
+    fd, result_path = tempfile.mkstemp(prefix="relayport-bench-ingest-", suffix=".json")
+    os.close(fd)
+    spec["result_path"] = result_path
     cpu0 = [cpu_seconds(p) for p in procs]
     ticks0 = machine_ticks()
     child = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bench.ingest", "_loadgen", json.dumps(spec),
-        cwd=ROOT, stdout=asyncio.subprocess.PIPE, limit=2**27,
+        cwd=ROOT,
     )  # fmt: skip
+    spies: list[asyncio.subprocess.Process] = []
     try:
-        out = await asyncio.wait_for(child.communicate(), args.warmup + args.duration + 120)
+        if args.py_spy is not None and row.target == "relayport":
+            spies = await _start_py_spy(row, procs, args)
+        await asyncio.wait_for(child.wait(), args.warmup + args.duration + 120)
+        if child.returncode != 0:
+            raise BenchError(f"load generator exited with {child.returncode}")
+        part = json.loads(Path(result_path).read_text())  # noqa: ASYNC240 (the window is over)
     finally:
+        Path(result_path).unlink(missing_ok=True)  # noqa: ASYNC240
         if child.returncode is None:
             child.kill()
             await child.wait()
-    if child.returncode != 0:
-        raise BenchError(f"load generator exited with {child.returncode}")
+        for spy in spies:
+            await _stop_py_spy(spy)
     cpu1 = [cpu_seconds(p) for p in procs]
     ticks1 = machine_ticks()
-    part = json.loads(out[0].decode().strip().splitlines()[-1])
     wall = part["wall_s"]
     row.measured = part["measured"]
     row.window_s = part["window_s"]
@@ -358,12 +602,35 @@ async def measure(
     row.client_cpu = part["client_cpu_s"] / wall
     row.send_lag_p99_ms = part["send_lag_p99_us"] / 1000
     if all(c is not None for c in cpu0 + cpu1):
-        server_s = sum(b - a for a, b in zip(cpu0, cpu1, strict=True))  # type: ignore[operator,misc]
-        row.server_cpu = server_s / wall
+        used = [b - a for a, b in zip(cpu0, cpu1, strict=True)]  # type: ignore[operator]
+        server_s = sum(used)
+        row.server_cpu = used[0] / wall
+        if len(used) > 1:
+            row.worker_cpu = sum(used[1:]) / wall
         if ticks0 is not None and ticks1 is not None:
             busy = (ticks1[0] - ticks0[0]) / os.sysconf("SC_CLK_TCK")
             row.other_cpu = max(0.0, busy - server_s - part["client_cpu_s"]) / wall
     return row
+
+
+async def _start_py_spy(row: Row, procs: list[int], args: Any) -> list[asyncio.subprocess.Process]:
+    """py-spy on the server (and worker) during the measured window, one raw (collapsed stacks)
+    file per process: DIR/<profile>-<rate>-api.txt and -worker.txt."""
+    await asyncio.sleep(args.warmup + 0.3)
+    out_dir = Path(args.py_spy)
+    out_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 (once, before the window)
+    spies = []
+    for index, pid in enumerate(procs):
+        name = "api" if index == 0 else f"worker{index}"
+        path = out_dir / f"{row.profile}-{row.rate:.0f}-{name}.txt"
+        spy = await asyncio.create_subprocess_exec(
+            _py_spy_binary(), "record", "--pid", str(pid), "--rate", "100",
+            "--duration", str(max(1, int(args.duration) - 1)), "--format", "raw",
+            "--gil", "--output", str(path), "--nonblocking",
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        spies.append(spy)
+    return spies
 
 
 async def settle(procs: list[int], max_s: float = 8.0) -> float:
@@ -417,7 +684,7 @@ def rabbit_vhost(amqp_url: str) -> Any:
 @contextlib.asynccontextmanager
 async def profile_env(profile: str, args: Any, data_dir: Path) -> AsyncIterator[dict[str, str]]:
     async with backing(profile, args, data_dir) as env:
-        env = env | INGEST_LIMITS
+        env = env | INGEST_LIMITS | {f"RELAYPORT_INGEST__{k.upper()}": v for k, v in args.ingest}
         if profile == "embedded":
             yield env
             return
@@ -466,18 +733,19 @@ def report(rows: list[Row], args: Any) -> list[str]:
         f"measured; in-flight cap {args.max_inflight}; ~{BODY_BYTES} B GitHub-signed bodies, "
         "unique deliveries.",
         "latency from the scheduled send time; accepted/s counts 2xx; CPU in % of one core "
-        "(server = server [+ worker]; other = rest of the machine, incl. PostgreSQL/RabbitMQ/"
-        "Redis).",
+        "(server = the server process; worker = the postgres profile's worker process; other = "
+        "rest of the machine, incl. PostgreSQL/RabbitMQ/Redis).",
         "",
         "| profile | target | offered req/s | accepted/s (2xx) | p50 ms | p99 ms | error rate "
-        "| server CPU | client CPU | other CPU | send lag p99 ms |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| server CPU | worker CPU | client CPU | other CPU | send lag p99 ms |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in rows:
         lines.append(
             f"| {r.profile} | {r.target} | {r.rate:.0f} | {r.accepted_rps:.0f} | "
             f"{_ms(r.pct_ms(0.50))} | {_ms(r.pct_ms(0.99))} | {r.error_rate * 100:.1f}% | "
-            f"{_pct(r.server_cpu)} | {_pct(r.client_cpu)} | {_pct(r.other_cpu)} | "
+            f"{_pct(r.server_cpu)} | {'-' if r.worker_cpu is None else _pct(r.worker_cpu)} | "
+            f"{_pct(r.client_cpu)} | {_pct(r.other_cpu)} | "
             f"{r.send_lag_p99_ms:.1f} |"
         )
     base = {(r.target, r.rate): r for r in rows if r.profile == "-"}
@@ -527,6 +795,11 @@ def report(rows: list[Row], args: Any) -> list[str]:
             "",
             "Worker: jobs not yet succeeded after each rate plus the settle wait (up to 8 s): "
             + ", ".join(f"{r.rate:.0f}/s: {r.jobs_behind}" for r in behind),
+            "Deliveries per intake transaction (new jobs / outbox messages): "
+            + ", ".join(
+                f"{r.rate:.0f}/s: {'n/a' if r.batch_rows is None else f'{r.batch_rows:.1f}'}"
+                for r in behind
+            ),
         ]
     for r in rows:
         if r.errors:
@@ -546,9 +819,12 @@ async def run_target(
     procs: list[int],
     secret: str,
     args: Any,
-    jobs_behind: Callable[[], Awaitable[int]] | None = None,
+    jobs_behind: Callable[[], Awaitable[tuple[int, int, int]]] | None = None,
 ) -> list[Row]:
     rows: list[Row] = []
+    counted = (0, 0)  # jobs and ingest outbox messages so far
+    if jobs_behind is not None:
+        counted = (await jobs_behind())[1:]
     print(f"  [{profile}] {target}: POST {url}", flush=True)
     for rate in args.rates:
         row = await measure(Row(profile, target, rate), url, procs, secret, args)
@@ -559,25 +835,35 @@ async def run_target(
             if waited > 1:
                 print(f"    (waited {waited:.1f} s for the backlog to settle)", flush=True)
             if jobs_behind is not None:
-                row.jobs_behind = await jobs_behind()
-                print(f"    jobs not yet succeeded after that: {row.jobs_behind}", flush=True)
+                row.jobs_behind, jobs, messages = await jobs_behind()
+                if messages > counted[1]:
+                    row.batch_rows = (jobs - counted[0]) / (messages - counted[1])
+                counted = (jobs, messages)
+                print(
+                    f"    jobs not yet succeeded after that: {row.jobs_behind}; deliveries per "
+                    f"intake transaction: {row.batch_rows or 0:.1f}",
+                    flush=True,
+                )
     return rows
 
 
-def pending_jobs(database_url: str) -> Callable[[], Awaitable[int]]:
-    """Counts the jobs the worker has not finished yet (did it keep up with intake?)."""
+def pending_jobs(database_url: str) -> Callable[[], Awaitable[tuple[int, int, int]]]:
+    """Counts the jobs the worker has not finished yet (did it keep up with intake?), all jobs,
+    and the ingest outbox messages (one per intake transaction and tenant)."""
 
-    async def count() -> int:
+    async def count() -> tuple[int, int, int]:
         import asyncpg
 
         conn = await asyncpg.connect(database_url, timeout=10)
         try:
-            value = await conn.fetchval(
-                "SELECT count(*) FROM ingest_jobs WHERE status <> 'succeeded'"
+            row = await conn.fetchrow(
+                "SELECT (SELECT count(*) FROM ingest_jobs WHERE status <> 'succeeded'),"
+                " (SELECT count(*) FROM ingest_jobs),"
+                " (SELECT count(*) FROM outbox WHERE topic = 'ingest.jobs')"
             )
         finally:
             await conn.close()
-        return int(value)
+        return int(row[0]), int(row[1]), int(row[2])
 
     return count
 
@@ -672,7 +958,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     parser = argparse.ArgumentParser(prog="python -m bench.ingest", description=__doc__)
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("--rates", default="500,1000,2000,4000", help="offered req/s, comma-sep")
+    parser.add_argument(
+        "--rates",
+        default="500,1000,2000,3000,4000,5000,6000",
+        help="offered req/s, comma-separated",
+    )
     parser.add_argument("--duration", type=float, default=8, help="measured seconds per rate")
     parser.add_argument("--warmup", type=float, default=1, help="uncounted seconds per rate")
     parser.add_argument("--profiles", default="embedded,postgres", help="comma-separated")
@@ -687,6 +977,26 @@ def main(argv: list[str] | None = None) -> int:
         default=10,
         help="postgres: the worker process's nice value (0: same priority as the API)",
     )
+    parser.add_argument(
+        "--client",
+        choices=("raw", "aiohttp"),
+        default="raw",
+        help="load generator's HTTP client: raw keep-alive connections (default; cheapest) or "
+        "aiohttp (what runs 1-5 used)",
+    )
+    parser.add_argument(
+        "--py-spy",
+        metavar="DIR",
+        default=None,
+        help="sample Relayport's server and worker with py-spy (100 Hz) during each window",
+    )
+    parser.add_argument(
+        "--ingest",
+        metavar="NAME=VALUE",
+        action="append",
+        default=[],
+        help="an ingest setting for Relayport (RELAYPORT_INGEST__NAME), e.g. batch_max_wait_ms=5",
+    )
     parser.add_argument("--pg-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--amqp-url", default="amqp://guest:guest@127.0.0.1:5672")
@@ -697,6 +1007,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--rates takes comma-separated numbers")
     if not args.rates or min(args.rates) <= 0 or args.duration <= 0 or args.warmup < 0:
         parser.error("need rates > 0, --duration > 0, --warmup >= 0")
+    try:
+        args.ingest = [tuple(item.split("=", 1)) for item in args.ingest]
+    except ValueError:
+        parser.error("--ingest takes NAME=VALUE")
+    if any(len(item) != 2 for item in args.ingest):
+        parser.error("--ingest takes NAME=VALUE")
     if args.max_inflight < 1:
         parser.error("--max-inflight must be >= 1")
     try:

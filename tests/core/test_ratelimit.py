@@ -23,7 +23,8 @@ from relayport.core.ratelimit import (
     RateLimiter,
     create_rate_limiter,
 )
-from relayport.core.ratelimit_redis import MAX_IN_FLIGHT, RedisRateLimiter
+from relayport.core.ratelimit_redis import _CHECK_LUA, MAX_IN_FLIGHT, RedisRateLimiter
+from relayport.core.redis_pipe import ScriptPipe
 from relayport.settings import Settings
 
 REDIS_URL = os.environ.get("RELAYPORT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -673,14 +674,7 @@ async def test_concurrent_redis_checks_share_one_script_run_with_sequential_answ
     all-or-nothing answer: a refused call in the middle of the batch spends nothing.
     (The batch sender is wrapped to count its runs; the real one still answers.)"""
     limiter = RedisRateLimiter(redis_client, prefix=prefix)
-    runs: list[int] = []
-    real = limiter._send
-
-    async def counting(batch: Any) -> None:
-        runs.append(len(batch))
-        await real(batch)
-
-    limiter._send = counting  # type: ignore[method-assign]
+    runs = _count_script_runs(limiter)
     small = [Limit.bucket("small", rate=NEVER, burst=1)]
     big = [Limit.bucket("big", rate=NEVER, burst=3)]
     both = [*big, *small]
@@ -705,17 +699,8 @@ async def test_checks_made_while_script_calls_are_out_wait_and_go_together(
     share the next one, in the order they were made. (The script call is wrapped to hold
     the first runs until the other checks have queued; the real one still answers.)"""
     limiter = RedisRateLimiter(redis_client, prefix=prefix)
-    runs: list[int] = []
     release = asyncio.Event()
-    real = limiter._check.call
-
-    async def held(packed: bytes) -> Any:
-        runs.append(packed.count(b"seq"))  # the number of checks in this run
-        if len(runs) <= MAX_IN_FLIGHT:
-            await release.wait()
-        return await real(packed)
-
-    limiter._check.call = held  # type: ignore[method-assign]
+    runs = _count_script_runs(limiter, hold=MAX_IN_FLIGHT, until=release)
     bucket = [Limit.bucket("seq", rate=NEVER, burst=10)]
     out = []
     for _ in range(MAX_IN_FLIGHT):
@@ -754,8 +739,8 @@ async def test_a_killed_connection_fails_the_check_in_flight_and_the_next_one_re
     redis_client: Redis, prefix: str
 ) -> None:
     """Redis drops the limiter's own connection (CLIENT KILL): the check fails with a Redis
-    error (a 503 for the request that made it), and the
-    next check opens a new connection and answers from the same bucket."""
+    error (a 503 for the request that made it), and the next check opens a new connection
+    and answers from the same bucket."""
     limiter = RedisRateLimiter(redis_client, prefix=prefix)
     bucket = [Limit.bucket("kill", rate=NEVER, burst=10)]
     assert (await limiter.check(bucket))[0].remaining == 9
@@ -766,4 +751,91 @@ async def test_a_killed_connection_fails_the_check_in_flight_and_the_next_one_re
     with pytest.raises(RedisError):
         await limiter.check(bucket)
     assert (await limiter.check(bucket))[0].remaining == 8
+    await limiter.close()
+
+
+def _count_script_runs(
+    limiter: RedisRateLimiter, *, hold: int = 0, until: asyncio.Event | None = None
+) -> list[int]:
+    """Wrap the limiter's script call: the list gets the number of check() calls of each run
+    (the real script still answers); the first `hold` runs wait for `until`."""
+    runs: list[int] = []
+    real_send = limiter._send
+
+    async def send(batch: Any) -> None:
+        runs.append(len(batch))
+        if until is not None and len(runs) <= hold:
+            await until.wait()
+        await real_send(batch)
+
+    limiter._send = send  # type: ignore[method-assign]
+    return runs
+
+
+async def test_one_script_run_answers_as_the_same_checks_made_one_at_a_time(
+    redis_client: Redis, prefix: str
+) -> None:
+    """A run of many calls that share limits (each distinct limit sent once, each key read and
+    written once per run) gives every call the answer, and leaves Redis the state, that the
+    same calls made one after the other give: refusals in the middle, a key listed twice in
+    a call, a quota running out, buckets and quotas on one key name."""
+    ip = Limit.bucket("ip", rate=NEVER, burst=7)
+    source = Limit.bucket("src", rate=NEVER, burst=5)
+    tenant = Limit.bucket("ten", rate=NEVER, burst=100)
+    quota = Limit.daily_quota("day", limit=6)
+    double = Limit.bucket("dbl", rate=NEVER, burst=9)
+    pricey = Limit.bucket("src", rate=NEVER, burst=5, cost=3)  # same key as `source`
+    calls = [
+        [ip, source, tenant, quota],
+        [ip, double, double],
+        [ip, source, tenant, quota],
+        [pricey, quota],
+        [ip, source, tenant, quota],
+        [Limit.bucket("ip", rate=NEVER, burst=7), source, tenant, quota],  # equal, not same
+        [double, double, quota],
+        [ip, source, tenant, quota],
+        [ip, source, tenant, quota],
+        [quota],
+        [ip, double, double],
+    ]
+    batched = RedisRateLimiter(redis_client, prefix=prefix + "a:")
+    runs = _count_script_runs(batched)
+    together = await asyncio.gather(*(batched.check(c) for c in calls))
+    assert runs == [len(calls)]
+    alone = RedisRateLimiter(redis_client, prefix=prefix + "b:")
+    one_by_one = [await alone.check(c) for c in calls]
+
+    def answers(results: list[list[Decision]]) -> list[list[tuple[bool, int, int]]]:
+        return [[(d.allowed, d.remaining, d.limit) for d in ds] for ds in results]
+
+    assert answers(together) == answers(one_by_one)
+    assert any(not d.allowed for ds in together for d in ds), "the case needs refusals"
+    for name in ("b:ip", "b:src", "b:ten", "b:dbl"):
+        a = await redis_client.hget(f"{prefix}a:{name}", "tokens")
+        b = await redis_client.hget(f"{prefix}b:{name}", "tokens")
+        # One by one, a little time passes between calls: NEVER refills a hair meanwhile.
+        assert a is not None
+        assert b is not None
+        assert float(a) == pytest.approx(float(b), abs=1e-6), name
+        assert await redis_client.pttl(f"{prefix}a:{name}") > 0
+    assert await redis_client.get(f"{prefix}a:q:day") == await redis_client.get(f"{prefix}b:q:day")
+    assert await redis_client.get(f"{prefix}a:q:day") == b"5"  # refused calls spend none
+    await batched.close()
+    await alone.close()
+
+
+async def test_redis_check_loads_its_script_when_redis_does_not_know_it(
+    redis_client: Redis, prefix: str
+) -> None:
+    """After a Redis restart or SCRIPT FLUSH the script's hash is unknown (NOSCRIPT): the
+    limiter loads it and answers."""
+    limiter = RedisRateLimiter(redis_client, prefix=prefix)
+    # A variant of the script Redis has never seen (flushing every script would reach other
+    # clients of this Redis).
+    limiter._check = ScriptPipe(redis_client, f"{_CHECK_LUA}\n-- {uuid.uuid4().hex}")
+    assert await redis_client.script_exists(limiter._check.sha.decode()) == [False]
+    (decision,) = await limiter.check([Limit.bucket("noscript", rate=NEVER, burst=2)])
+    assert decision.allowed
+    assert decision.remaining == 1
+    assert await redis_client.script_exists(limiter._check.sha.decode()) == [True]
     await limiter.close()

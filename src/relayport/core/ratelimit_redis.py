@@ -89,17 +89,24 @@ return {allowed, math.max(0, limit - used), midnight_ms - now_ms}
 
 
 # A batch of check() calls, evaluated one after the other as if each were its own script call.
-# KEYS[i]: the i-th limit's bucket hash or day counter, laid out as in _HIT_LUA/_QUOTA_LUA so
-# check() and hit()/quota() share state. ARGV[1]: epsilon; ARGV[2]: the number of calls G;
-# ARGV[3 .. 2+G]: how many limits each call has; then 4 per limit: kind ('b' or 'q'), rate
-# (buckets; 0 for quotas), burst or limit, cost.
-# Within a call every limit is evaluated against one TIME and writes happen only if all allowed,
-# so a refused call changes nothing; a key listed twice sees its earlier entry's tentative
-# consumption; a later call sees an earlier call's writes.
-# Reply: 4 integers per limit, in order: allowed, remaining, retry_ms, reset_ms.
+# The batch names each distinct limit once and each call by the "shape" (list of limits) it
+# checks, since concurrent requests mostly check the same few limits (one client address, one
+# source, one tenant); and each key is read at most once and written at most once per run.
+# KEYS[u]: the u-th distinct limit's bucket hash or day counter, laid out as in _HIT_LUA and
+# _QUOTA_LUA so check() and hit()/quota() share state (a key may appear under several limits).
+# ARGV[1]: epsilon; ARGV[2]: U, the number of distinct limits; then 4 per limit: kind ('b' or
+# 'q'), rate (buckets; 0 for quotas), burst or limit, cost; then S, the number of shapes, and
+# per shape its length and its limits' numbers (1-based); then G, the number of calls, and the
+# shape number of each call.
+# Within a call every limit is evaluated against one TIME and its consumption is kept only if
+# all allowed, so a refused call changes nothing; a key listed twice in a call sees its earlier
+# entry's tentative consumption; a later call sees what earlier calls consumed. Redis gets the
+# final value of each key consumed from, once, at the end: what writing after every call
+# would have left (all of it is one atomic script run).
+# Reply: 4 integers per limit of each call, in order: allowed, remaining, retry_ms, reset_ms.
 _CHECK_LUA = """
 local eps = tonumber(ARGV[1])
-local calls = tonumber(ARGV[2])
+local nlimits = tonumber(ARGV[2])
 local max_ms = 1e14
 
 local t = redis.call('TIME')
@@ -108,43 +115,79 @@ local now = now_s * 1000000 + tonumber(t[2])
 local now_ms = now_s * 1000 + math.floor(tonumber(t[2]) / 1000)
 local midnight_ms = (math.floor(now_s / 86400) + 1) * 86400000
 
+local kind, rate, cap, cost = {}, {}, {}, {}
+for u = 1, nlimits do
+  local base = 2 + (u - 1) * 4
+  kind[u] = ARGV[base + 1]
+  rate[u] = tonumber(ARGV[base + 2])
+  cap[u] = tonumber(ARGV[base + 3])
+  cost[u] = tonumber(ARGV[base + 4])
+end
+local pos = 3 + nlimits * 4
+local shapes = {}
+for s = 1, tonumber(ARGV[pos]) do
+  pos = pos + 1
+  local shape = {}
+  for j = 1, tonumber(ARGV[pos]) do
+    shape[j] = tonumber(ARGV[pos + j])
+  end
+  pos = pos + #shape
+  shapes[s] = shape
+end
+pos = pos + 1
+local calls = tonumber(ARGV[pos])
+
+-- A bucket's state as Redis would hold it: {tokens, ts}, or false for no hash (a full bucket).
+-- A quota's: the day's count so far. nil: not read yet.
+local state = {}
+-- Keys consumed from, in first-consumed order, with what to write at the end.
+local dirty = {}
+local order = {}
+
 local reply = {}
-local first = 1
 for c = 1, calls do
-local last = first + tonumber(ARGV[2 + c]) - 1
+local shape = shapes[tonumber(ARGV[pos + c])]
 local pending = {}
 local writes = {}
 local all_allowed = true
-for i = first, last do
-  local key = KEYS[i]
-  local base = 2 + calls + (i - 1) * 4
-  local kind = ARGV[base + 1]
-  local cap = tonumber(ARGV[base + 3])
-  local cost = tonumber(ARGV[base + 4])
+for j = 1, #shape do
+  local u = shape[j]
+  local key = KEYS[u]
+  local limit_cap = cap[u]
+  local limit_cost = cost[u]
   local allowed = 0
-  if kind == 'b' then
-    local rate = tonumber(ARGV[base + 2])
+  if kind[u] == 'b' then
+    local limit_rate = rate[u]
     local tokens = pending[key]
     if tokens then
-      tokens = math.min(cap, tokens)
+      tokens = math.min(limit_cap, tokens)
     else
-      tokens = cap
-      local state = redis.call('HMGET', key, 'tokens', 'ts')
-      if state[1] and state[2] then
-        local elapsed = math.max(0, now - tonumber(state[2])) / 1000000
-        tokens = math.min(cap, tonumber(state[1]) + elapsed * rate)
+      local held = state[key]
+      if held == nil then
+        held = false
+        local stored = redis.call('HMGET', key, 'tokens', 'ts')
+        if stored[1] and stored[2] then
+          held = {tonumber(stored[1]), tonumber(stored[2])}
+        end
+        state[key] = held
+      end
+      tokens = limit_cap
+      if held then
+        -- A failover to a server whose clock is behind must not drain buckets.
+        local elapsed = math.max(0, now - held[2]) / 1000000
+        tokens = math.min(limit_cap, held[1] + elapsed * limit_rate)
       end
     end
     local retry_ms = 0
-    if tokens + eps >= cost then
+    if tokens + eps >= limit_cost then
       allowed = 1
-      tokens = math.max(0, tokens - cost)
+      tokens = math.max(0, tokens - limit_cost)
       pending[key] = tokens
-      writes[#writes + 1] = {key, 'b', tokens, rate, cap}
+      writes[#writes + 1] = {key, 'b', tokens, limit_rate, limit_cap}
     else
-      retry_ms = math.min(max_ms, math.ceil((cost - tokens) / rate * 1000))
+      retry_ms = math.min(max_ms, math.ceil((limit_cost - tokens) / limit_rate * 1000))
     end
-    local reset_ms = math.min(max_ms, math.ceil((cap - tokens) / rate * 1000))
+    local reset_ms = math.min(max_ms, math.ceil((limit_cap - tokens) / limit_rate * 1000))
     reply[#reply + 1] = allowed
     reply[#reply + 1] = math.floor(tokens + eps)
     reply[#reply + 1] = retry_ms
@@ -152,19 +195,23 @@ for i = first, last do
   else
     local used = pending[key]
     if not used then
-      used = tonumber(redis.call('GET', key) or '0')
+      used = state[key]
+      if used == nil then
+        used = tonumber(redis.call('GET', key) or '0')
+        state[key] = used
+      end
     end
     local reset_ms = midnight_ms - now_ms
     local retry_ms = reset_ms
-    if used + cost <= cap then
+    if used + limit_cost <= limit_cap then
       allowed = 1
       retry_ms = 0
-      used = used + cost
+      used = used + limit_cost
       pending[key] = used
-      writes[#writes + 1] = {key, 'q', cost}
+      writes[#writes + 1] = {key, 'q', limit_cost}
     end
     reply[#reply + 1] = allowed
-    reply[#reply + 1] = math.max(0, cap - used)
+    reply[#reply + 1] = math.max(0, limit_cap - used)
     reply[#reply + 1] = retry_ms
     reply[#reply + 1] = reset_ms
   end
@@ -175,19 +222,36 @@ end
 
 if all_allowed then
   for _, w in ipairs(writes) do
+    local key = w[1]
+    if not dirty[key] then
+      order[#order + 1] = key
+    end
     if w[2] == 'b' then
-      local tokens, rate, burst = w[3], w[4], w[5]
-      redis.call('HSET', w[1], 'tokens', string.format('%.17g', tokens),
-                 'ts', string.format('%d', now))
-      local refill_ms = math.ceil((burst - tokens) / rate * 1000)
-      redis.call('PEXPIRE', w[1], math.max(1, math.min(max_ms, refill_ms)))
+      -- The last write of a key wins, as it did when each call wrote its own.
+      state[key] = {w[3], now}
+      dirty[key] = w
     else
-      redis.call('INCRBY', w[1], w[3])
-      redis.call('PEXPIREAT', w[1], midnight_ms)
+      state[key] = state[key] + w[3]
+      local before = dirty[key]
+      dirty[key] = {key, 'q', (before and before[3] or 0) + w[3]}
     end
   end
 end
-first = last + 1
+end
+
+for _, key in ipairs(order) do
+  local w = dirty[key]
+  if w[2] == 'b' then
+    local tokens, bucket_rate, burst = w[3], w[4], w[5]
+    -- %.17g and %d keep full precision; tostring() would round the timestamp to 14 digits.
+    redis.call('HSET', key, 'tokens', string.format('%.17g', tokens),
+               'ts', string.format('%d', now))
+    local refill_ms = math.ceil((burst - tokens) / bucket_rate * 1000)
+    redis.call('PEXPIRE', key, math.max(1, math.min(max_ms, refill_ms)))
+  else
+    redis.call('INCRBY', key, w[3])
+    redis.call('PEXPIREAT', key, midnight_ms)
+  end
 end
 return reply
 """
@@ -199,7 +263,11 @@ MAX_BATCH = 256
 # (with one, the event loop idles for the round trip whenever every request waits on it).
 MAX_IN_FLIGHT = 2
 _EPSILON = bulk(repr(TOKEN_EPSILON).encode())
-_COUNTS = [bulk(b"%d" % n) for n in range(33)]
+_SMALL_INTS = [bulk(b"%d" % n) for n in range(MAX_BATCH + 1)]
+
+
+def _int(n: int) -> bytes:
+    return _SMALL_INTS[n] if n <= MAX_BATCH else bulk(b"%d" % n)
 
 
 class RedisRateLimiter:
@@ -293,23 +361,36 @@ class RedisRateLimiter:
     async def _send(
         self, batch: list[tuple[Sequence[Limit], asyncio.Future[list[Decision]]]]
     ) -> None:
+        # Each distinct limit once (by identity: callers reuse their Limit objects; an equal
+        # one listed again is only a longer argument list), each call as the shape it checks.
+        numbers: dict[int, int] = {}
         keys: list[bytes] = []
-        counts: list[bytes] = []
-        args: list[bytes] = []
+        wires: list[bytes] = []
+        shapes: dict[tuple[int, ...], int] = {}
+        calls: list[int] = []
+        total = 0
         for limits, _ in batch:
-            n = len(limits)
-            counts.append(_COUNTS[n] if n < len(_COUNTS) else bulk(b"%d" % n))
+            total += len(limits)
+            shape = []
             for limit in limits:
-                key, wire = self._wire(limit)
-                keys.append(key)
-                args.append(wire)
-        packed = self._check.command(
-            keys,
-            [_EPSILON, bulk(b"%d" % len(batch)), *counts, *args],
-            arg_count=2 + len(batch) + 4 * len(keys),
-        )
+                number = numbers.get(id(limit))
+                if number is None:
+                    number = numbers[id(limit)] = len(numbers) + 1
+                    key, wire = self._wire(limit)
+                    keys.append(key)
+                    wires.append(wire)
+                shape.append(number)
+            calls.append(shapes.setdefault(tuple(shape), len(shapes) + 1))
+        args: list[bytes] = [_EPSILON, _int(len(keys)), *wires, _int(len(shapes))]
+        for shape_numbers in shapes:
+            args.append(_int(len(shape_numbers)))
+            args += map(_int, shape_numbers)
+        args.append(_int(len(calls)))
+        args += map(_int, calls)
+        # Each wire holds a limit's 4 arguments; every other item is one.
+        packed = self._check.command(keys, args, arg_count=len(args) + 3 * len(wires))
         try:
-            values = _ints(await self._check.call(packed), 4 * len(keys))
+            values = _ints(await self._check.call(packed), 4 * total)
         except BaseException as exc:
             for _, future in batch:
                 if not future.done():

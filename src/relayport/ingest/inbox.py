@@ -98,9 +98,15 @@ def _group(items: Sequence[NewEvent]) -> tuple[Groups, list[tuple[str, str]], li
     for index, item in enumerate(items):
         groups.setdefault(item.key, []).append(index)
     keys = sorted(groups)
-    candidates = [
-        {**items[groups[key][0]].row, "duplicate_count": len(groups[key]) - 1} for key in keys
-    ]
+    candidates = []
+    for key in keys:
+        indexes = groups[key]
+        row = items[indexes[0]].row
+        # A copy only for copies of one event: an item is written again alone if its batch
+        # fails, so its own row must keep the count it came with (0).
+        candidates.append(
+            row if len(indexes) == 1 else {**row, "duplicate_count": len(indexes) - 1}
+        )
     return groups, keys, candidates
 
 

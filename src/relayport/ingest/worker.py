@@ -18,9 +18,13 @@ log = logging.getLogger("relayport.ingest")
 __all__ = ["QUEUE", "handle_job", "tick"]
 
 
-# Jobs one worker process runs at once, across messages: what the consumer's prefetch bounded
-# when every message carried one job. Their claims and outcomes share transactions.
-JOB_CONCURRENCY = 32
+# Jobs one worker process runs at once, across messages. Their claims and outcomes share
+# statements (`bookkeeping`), so this also bounds how many one statement takes: at least a
+# whole intake batch (`batch_max_rows`, 100 by default), so that a message's jobs are claimed
+# and finished in one statement each rather than in slices of this size (at 32, PostgreSQL
+# spent more on the worker's statements than on intake's). Bodies of running jobs are in memory:
+# at most this many times a source's body limit.
+JOB_CONCURRENCY = 128
 # A message names the new jobs of one group commit (at most `batch_max_rows`, <= 1,000).
 MAX_JOBS_PER_MESSAGE = 1000
 _SLOTS_KEY = "ingest.job_slots"
