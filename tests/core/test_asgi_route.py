@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import httpx
-from fastapi import APIRouter, FastAPI, Request
+import pytest
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
@@ -83,3 +84,22 @@ async def test_other_methods_are_still_405() -> None:
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
         response = await c.post("/v1/greet")
     assert response.status_code == 405
+
+
+async def _answer(request: Request) -> bytes:
+    return b"{}"
+
+
+def test_a_route_with_dependencies_is_refused_as_they_would_never_run() -> None:
+    async def deny() -> None:
+        raise RuntimeError("never reached")
+
+    with pytest.raises(TypeError, match="dependencies"):
+        add_json_route(APIRouter(dependencies=[Depends(deny)]), "/x", _answer, methods=["GET"])
+    with pytest.raises(TypeError, match="dependencies"):
+        add_json_route(APIRouter(), "/x", _answer, methods=["GET"], dependencies=[Depends(deny)])
+
+
+def test_options_that_would_be_ignored_are_refused() -> None:
+    with pytest.raises(TypeError, match="status_code"):
+        add_json_route(APIRouter(), "/x", _answer, methods=["POST"], status_code=201)

@@ -5,6 +5,7 @@ connections."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import datetime as dt
 import sqlite3
 import threading
@@ -356,3 +357,32 @@ async def test_reads_after_close_are_unavailable_and_open_nothing(db: Database) 
         await API_KEY_READS.page(db.driver, "ten_a")
     assert db.driver._kept is None
     assert db.driver._sqlite_conns == []
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+async def test_connections_idle_past_the_idle_time_go_back_to_the_pool(small_pg: Database) -> None:
+    kept = await _one_key_read_once(small_pg)
+    kept._idle_s = 0.2
+    # Two reads at once need two connections; afterwards one of them is surplus.
+    await asyncio.gather(*(kept.fetch("SELECT pg_sleep(0.05)", ()) for _ in range(2)))
+    assert len(kept._free) == 2
+    deadline = asyncio.get_running_loop().time() + 5
+    while len(kept._free) > 1:
+        assert asyncio.get_running_loop().time() < deadline, "the idle connection stayed"
+        await asyncio.sleep(0.05)
+    assert kept._lent == 1
+    assert len((await API_KEY_READS.page(small_pg.driver, "ten_a")).items) == 1
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+async def test_a_connection_in_a_read_during_expire_is_not_kept_after_it(
+    small_pg: Database,
+) -> None:
+    kept = await _one_key_read_once(small_pg)
+    reading = asyncio.create_task(kept.fetch("SELECT pg_backend_pid() AS pid, pg_sleep(0.3)", ()))
+    await asyncio.sleep(0.1)
+    await kept.expire()
+    old_pid = (await reading)[0]["pid"]
+    assert kept._free == collections.deque()  # it went back to the pool, which renews it
+    new_pid = (await kept.fetch("SELECT pg_backend_pid() AS pid", ()))[0]["pid"]
+    assert new_pid != old_pid

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 
@@ -124,3 +125,22 @@ async def test_a_reply_that_never_comes_times_out_every_call_in_flight() -> None
     await mute.aclose()
     server.close()
     await server.wait_closed()
+
+
+async def test_a_call_cancelled_while_its_write_waits_leaves_later_replies_aligned(
+    client: Redis,
+) -> None:
+    """A command too big for the socket buffers waits for them to drain; cancelled there,
+    redis-py drops the connection. Later calls go out on a new one and each gets its own
+    reply (none takes the reply meant for another)."""
+    pipe = _pipe(client)
+    assert await pipe.call(_echo(pipe, "warm")) == b"warm"
+    big = asyncio.create_task(pipe.call(_echo(pipe, "x" * 50_000_000)))
+    for _ in range(3):
+        await asyncio.sleep(0)  # the write is under way, waiting to drain
+    big.cancel()
+    with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+        await big
+    replies = await asyncio.gather(*(pipe.call(_echo(pipe, v)) for v in ("B", "C", "D")))
+    assert replies == [b"B", b"C", b"D"]
+    await pipe.close()

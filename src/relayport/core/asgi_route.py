@@ -25,6 +25,12 @@ def served_by(serve: ASGIApp) -> type[APIRoute]:
     class AsgiRoute(APIRoute):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
+            if self.dependant.dependencies:
+                # They would be documented (security schemes included) and never run.
+                raise TypeError(
+                    f"{self.path}: a route served by a plain ASGI function cannot have "
+                    "dependencies (on the route or its router); check them in the function"
+                )
             # As APIRoute wraps its own handler (a no-op unless the route sets max_body_size).
             self.app = wrap_app_with_body_limit(serve, self.max_body_size)
 
@@ -64,6 +70,28 @@ def add_json_route(
     async def endpoint(request: Request) -> Response:
         return Response(await answer(request), media_type="application/json")
 
+    ignored = set(declared) - _DOCUMENTING
+    if ignored:
+        raise TypeError(f"{path}: {sorted(ignored)} would be ignored: the answer is a plain 200")
     endpoint.__name__ = answer.__name__
     endpoint.__doc__ = answer.__doc__
     router.add_api_route(path, endpoint, route_class_override=served_by(serve), **declared)
+
+
+# What add_json_route passes on: options that only describe the route. Any other (a status
+# code, a response class, response-model filtering, dependencies) would do nothing.
+_DOCUMENTING = frozenset(
+    {
+        "methods",
+        "response_model",
+        "tags",
+        "summary",
+        "description",
+        "responses",
+        "deprecated",
+        "operation_id",
+        "include_in_schema",
+        "name",
+        "openapi_extra",
+    }
+)

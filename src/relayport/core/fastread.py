@@ -24,6 +24,7 @@ import collections
 import json
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -269,42 +270,53 @@ class _KeptConnections:
     free list here. A connection in doubt (lost, timed out, cancelled mid-read) goes back to
     the pool, which cleans up or closes it, and a new one is taken next time. A query error
     (bad input) leaves the connection usable: outside a transaction there is nothing to undo.
+
+    What the pool would do on release is done here: a connection idle for `idle_s` goes back
+    (so a burst's connections do not stay open for good; the most recently used is kept),
+    and so does one taken before `expire()` (a renewal after a restart).
     """
 
-    def __init__(self, pool: Any, size: int) -> None:
+    def __init__(self, pool: Any, size: int, *, idle_s: float = 300.0) -> None:
         self.pool = pool  # asyncpg.Pool
         self._size = size
-        self._free: collections.deque[Any] = collections.deque()
+        self._idle_s = idle_s
+        # (connection, generation it was taken in, when it came back), oldest first.
+        self._free: collections.deque[tuple[Any, int, float]] = collections.deque()
         self._lent = 0  # connections taken from the pool: free here or in a read
+        self._generation = 0
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._releasing: set[asyncio.Task[None]] = set()
+        self._pruning: asyncio.TimerHandle | None = None
         self._closed = False
 
     async def fetch(self, sql: str, args: tuple[Any, ...]) -> list[Any]:
-        conn = await self._take()
+        conn, generation = await self._take()
         try:
             rows = await conn.fetch(sql, *args)
         except asyncpg.PostgresError as exc:
             if isinstance(exc, _PG_LOST):
                 await self._drop(conn)
             else:
-                self._give(conn)
+                self._give(conn, generation)
             raise
         except BaseException:
             await self._drop(conn)
             raise
-        self._give(conn)
+        self._give(conn, generation)
         return list(rows)
 
-    async def _take(self) -> Any:
+    async def _take(self) -> tuple[Any, int]:
         while True:
             if self._closed:
                 raise DatabaseUnavailable("the database reader is closed (shutting down)")
             if self._free:
-                return self._free.pop()  # the most recently used: warm, and idle ones age out
+                conn, generation, _ = self._free.pop()  # the most recently used: warm
+                return conn, generation
             if self._lent < self._size:
                 self._lent += 1
+                generation = self._generation
                 try:
-                    return await self.pool.acquire()
+                    return await self.pool.acquire(), generation
                 except BaseException:
                     self._lent -= 1
                     self._wake()
@@ -318,14 +330,36 @@ class _KeptConnections:
                     self._wake()  # woken just as it was cancelled: pass the turn on
                 raise
 
-    def _give(self, conn: Any) -> None:
-        if self._closed:
-            self._lent -= 1
-            task = asyncio.ensure_future(self.pool.release(conn))
-            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    def _give(self, conn: Any, generation: int) -> None:
+        if self._closed or generation != self._generation:
+            self._release_soon(conn)
+            self._wake()
             return
-        self._free.append(conn)
+        self._free.append((conn, generation, time.monotonic()))
+        if self._pruning is None and len(self._free) > 1:
+            self._pruning = asyncio.get_running_loop().call_later(self._idle_s, self._prune)
         self._wake()
+
+    def _prune(self) -> None:
+        """Connections idle for `idle_s` go back to the pool; one stays for the next read."""
+        self._pruning = None
+        deadline = time.monotonic() - self._idle_s
+        while len(self._free) > 1 and self._free[0][2] <= deadline:
+            self._release_soon(self._free.popleft()[0])
+        if len(self._free) > 1:
+            wait = self._free[0][2] - deadline
+            self._pruning = asyncio.get_running_loop().call_later(wait, self._prune)
+
+    def _release_soon(self, conn: Any) -> None:
+        self._lent -= 1
+        task = asyncio.ensure_future(self.pool.release(conn))
+        self._releasing.add(task)
+        task.add_done_callback(self._released)
+
+    def _released(self, task: asyncio.Task[None]) -> None:
+        self._releasing.discard(task)
+        if not task.cancelled():
+            task.exception()  # a failed release closed the connection; nothing to add
 
     async def _drop(self, conn: Any) -> None:
         self._lent -= 1
@@ -341,22 +375,25 @@ class _KeptConnections:
 
     async def expire(self) -> None:
         """Renew every connection: idle ones now, those in a read when it ends."""
+        self._generation += 1
         free, self._free = list(self._free), collections.deque()
         self._lent -= len(free)
-        for conn in free:
+        for conn, _, _ in free:
             await self.pool.release(conn)
         await self.pool.expire_connections()
         self._wake()
 
     async def close(self, timeout_s: float) -> None:
         self._closed = True
+        if self._pruning is not None:
+            self._pruning.cancel()
         free, self._free = list(self._free), collections.deque()
         self._lent -= len(free)
         for waiter in self._waiters:
             if not waiter.done():
                 waiter.set_result(None)  # they find the reader closed
         try:
-            for conn in free:
+            for conn, _, _ in free:
                 await self.pool.release(conn)
             await asyncio.wait_for(self.pool.close(), timeout_s)
         except TimeoutError:

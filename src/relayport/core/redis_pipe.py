@@ -7,7 +7,8 @@ the limiter needs is ~100 lines. So callers hand in the command already encoded 
 goes out as one write on a connection this object opens with the client's settings, and
 replies are matched to callers in the order the commands went out (Redis answers one
 connection's commands in order). Several calls can be in flight at once: the next batch is on
-its way while Redis runs the previous one. Replies are awaited for the client's socket timeout.
+its way while Redis runs the previous one. Connecting, writing and each reply are bounded by
+the client's socket timeout (when it has one).
 
 Connection loss or a timeout fails every call in flight with redis-py's ConnectionError or
 TimeoutError; the next call opens a new connection. A script flushed from Redis (NOSCRIPT,
@@ -88,21 +89,27 @@ class ScriptPipe:
 
     async def _call(self, packed: bytes) -> Any:
         link = self._link
-        if link is None or link.broken:
+        if link is None or link.broken or not link.conn.is_connected:
+            # Never let redis-py reconnect the link by itself: calls in flight on the old
+            # socket would then take the replies meant for calls on the new one.
+            if link is not None:
+                self._break(link, ConnectionError("Redis connection lost"))
             link = await self._open()
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         # The connection is open, has no socket timeout and no health check, so
         # send_packed_command writes before its first await: appending first keeps `pending`
-        # in wire order, and a cancellation can only come once the bytes are out.
+        # in wire order.
         link.pending.append(future)
         try:
-            await link.conn.send_packed_command(packed, check_health=False)
-        except asyncio.CancelledError:
-            future.cancel()  # written: the reader reads its reply and drops it
-            raise
+            async with asyncio.timeout(self._timeout):  # a full socket buffer waits to drain
+                await link.conn.send_packed_command(packed, check_health=False)
         except BaseException as exc:
-            future.cancel()  # this caller gets `exc` itself
+            # Whatever cut the send short (a cancellation included), redis-py has dropped the
+            # connection: every call in flight on it fails, and this caller gets `exc` itself.
+            future.cancel()
             self._break(link, exc)
+            if isinstance(exc, TimeoutError) and not isinstance(exc, RedisError):
+                raise RedisTimeoutError(f"Redis took no data for {self._timeout} s") from None
             raise
         if link.reader is None:
             link.reader = asyncio.create_task(self._read(link))
@@ -116,14 +123,18 @@ class ScriptPipe:
                 pool = self._client.connection_pool
                 settings = dict(pool.connection_kwargs)
                 self._timeout = settings.get("socket_timeout")
-                settings["socket_timeout"] = None  # reads are bounded by _read instead
+                settings["socket_timeout"] = None  # bounded here instead, see the docstring
                 conn = pool.connection_class(**settings)
                 try:
                     async with asyncio.timeout(self._timeout):
                         await conn.connect()  # type: ignore[no-untyped-call]
-                except TimeoutError:
+                except BaseException as exc:
                     await conn.disconnect(nowait=True)
-                    raise RedisTimeoutError(f"no answer from Redis in {self._timeout} s") from None
+                    if isinstance(exc, TimeoutError):
+                        raise RedisTimeoutError(
+                            f"no answer from Redis in {self._timeout} s"
+                        ) from None
+                    raise
                 self._link = _Link(conn)
             return self._link
 
