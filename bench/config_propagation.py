@@ -76,7 +76,8 @@ class _LeanClient(asyncio.Protocol):
     Kept this lean so that on two shared cores the clients cost little beside the server.
     """
 
-    def __init__(self, request: bytes, ws: bool, opened: Any, record: Any) -> None:
+    def __init__(self, request: bytes, ws: bool, opened: Any, record: Any, server: int) -> None:
+        self.server = server  # which server of the mode (its index in the URLs)
         self.request = request
         self.ws = ws
         self.opened = opened
@@ -133,7 +134,7 @@ class _LeanClient(asyncio.Protocol):
             if opcode == 1:
                 message = json.loads(payload)
                 if message.get("type") in ("patch", "broadcast"):
-                    self.record(int(message["revision"]))
+                    self.record(int(message["revision"]), self.server)
 
     def _lines(self) -> None:
         buf = self.buf
@@ -144,7 +145,7 @@ class _LeanClient(asyncio.Protocol):
             if line.startswith(b"id: "):
                 self.pending = int(line[4:])
             elif not line and self.pending is not None:  # end of an event: dispatch it
-                self.record(self.pending)
+                self.record(self.pending, self.server)
                 self.pending = None
         del buf[:start]
 
@@ -152,6 +153,7 @@ class _LeanClient(asyncio.Protocol):
 async def _subscribers(spec: dict[str, Any], pipe: Any) -> None:
     """Open spec["n"] connections, report ready, record (revision, ns) per message until told."""
     seen: dict[int, list[int]] = {}
+    servers: dict[int, list[int]] = {}  # the server index of each stamp in `seen`
     target = spec["n"]
     sem = asyncio.Semaphore(200)  # bound concurrent handshakes
     ready = asyncio.Event()
@@ -159,9 +161,10 @@ async def _subscribers(spec: dict[str, Any], pipe: Any) -> None:
     loop = asyncio.get_running_loop()
     ws = spec["transport"] == "ws"
 
-    def record(revision: int) -> None:
+    def record(revision: int, server: int) -> None:
         stamps = seen.setdefault(revision, [])
         stamps.append(time.time_ns())
+        servers.setdefault(revision, []).append(server)
         if len(stamps) == target:
             pipe.send(("have", revision))
 
@@ -186,15 +189,16 @@ async def _subscribers(spec: dict[str, Any], pipe: Any) -> None:
 
     transports: list[Any] = []
 
-    async def one(url: str) -> None:
+    async def one(server: int) -> None:
+        url = spec["urls"][server]
         host, _, port = url.partition("://")[2].partition("/")[0].partition(":")
         async with sem:
-            client = _LeanClient(request(url), ws, count_open, record)
+            client = _LeanClient(request(url), ws, count_open, record, server)
             transport, _ = await loop.create_connection(lambda: client, host, int(port))
             transports.append(transport)
             await asyncio.wait_for(client.handshake, 60)
 
-    tasks = [asyncio.ensure_future(one(spec["urls"][i % len(spec["urls"])])) for i in range(target)]
+    tasks = [asyncio.ensure_future(one(i % len(spec["urls"]))) for i in range(target)]
     done = asyncio.ensure_future(ready.wait())
     await asyncio.wait([done, *tasks], timeout=CONNECT_TIMEOUT_S)
     failed = [t for t in tasks if t.done() and t.exception() is not None]
@@ -203,7 +207,7 @@ async def _subscribers(spec: dict[str, Any], pipe: Any) -> None:
         return
     pipe.send(("ready", target))
     await loop.run_in_executor(None, pipe.recv)  # "stop"
-    pipe.send(("stamps", {str(k): v for k, v in seen.items()}))
+    pipe.send(("stamps", {str(k): list(zip(v, servers[k], strict=True)) for k, v in seen.items()}))
     for transport in transports:
         transport.abort()
 
@@ -409,6 +413,7 @@ async def measure(
         if mode != "broadcast":
             sent = await _created_at(servers[0].base, admin, env_path)
         latencies: list[float] = []
+        by_server: dict[int, list[float]] = {}
         slowest: dict[int, float] = {}
         received = 0
         for _, pipe in procs:
@@ -420,11 +425,16 @@ async def measure(
             for revision, stamps in value.items():
                 if int(revision) in sent and int(revision) >= 2:
                     received += len(stamps)
-                    lat = [(s - sent[int(revision)]) / 1e6 for s in stamps]
+                    lat = [(s - sent[int(revision)]) / 1e6 for s, _ in stamps]
                     latencies += lat
+                    for (_, server), ms in zip(stamps, lat, strict=True):
+                        by_server.setdefault(server, []).append(ms)
                     slowest[int(revision)] = max(slowest.get(int(revision), 0.0), *lat)
         latencies.sort()
+        for values in by_server.values():
+            values.sort()
         return {
+            "by_server": [by_server[i] for i in sorted(by_server)],
             "mode": mode, "n": n, "rounds": args.rounds, "complete": complete,
             "delivered": received / (n * args.rounds), "latencies": latencies,
             "kib_per_sub": per_sub, "slowest": [round(slowest[r]) for r in sorted(slowest)],
@@ -519,6 +529,13 @@ async def main_async(args: Any) -> int:
                     print(f"{mode:>12} n={n:>6}: p50 {_pct(lat, 0.5)} ms, p99 {_pct(lat, 0.99)} "
                           f"ms, delivered {row['delivered']:.1%}, "
                           f"slowest per round {row['slowest']} ms", flush=True)  # fmt: skip
+                    if len(row["by_server"]) > 1:  # the writer's subscribers, then the others'
+                        split = ", ".join(
+                            f"server {i + 1}: p50 {_pct(v, 0.5)} / p99 {_pct(v, 0.99)} ms"
+                            for i, v in enumerate(row["by_server"])
+                        )
+                        print(f"{'':>12} by server (the write goes to server 1): {split}",
+                              flush=True)  # fmt: skip
     print_table(rows)
     return 0
 

@@ -21,6 +21,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+import orjson
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from relayport.configs import documents as docs
@@ -73,8 +74,9 @@ class Channel:
                 async with pubsub.subscribe(CHANNEL + self.env_id) as subscription:
                     await self.sync()  # after the subscription is live: nothing falls between
                     self.ready.set()
-                    async for _ in subscription:
-                        await self.sync()
+                    async for message in subscription:
+                        if not self.take(message):
+                            await self.sync()
                 return  # pub/sub closed: the process is stopping
             except (SubscriptionLost, PubSubError) as exc:
                 log.warning(
@@ -139,10 +141,56 @@ class Channel:
         self.revision, self.hash = version.revision, version.hash
         self.stored, self.full, self.pointers = state.stored, full, state.pointers
         self.previous, self.meta = version.previous_hash, str(base["meta"])
+        self._fan_out(event)
+        return True
+
+    def take(self, message: bytes) -> bool:
+        """Apply an announced version from the announcement itself, without a database read.
+
+        True when the channel has the announced version now (applied here, or already
+        before: the committing process's own echo, a duplicate); False when it must read the
+        database instead: a bare announcement (the change was too large to carry, or came
+        from an older process), a gap (a revision in between was not applied here yet), a
+        chain that does not continue this channel's head, or an environment holding secrets
+        (the announcement carries only the public form; the secret values a client key with
+        secret access gets are read from the database, never carried through Redis).
+
+        Synchronous: it applies the version in one step, so a concurrent `sync` (which
+        re-checks the revision before each apply) and the local fast path cannot apply it
+        twice or out of order.
+        """
+        announced = parse_announcement(message)
+        if announced is None:
+            return False
+        secret, payload, event = announced
+        revision = event["revision"]
+        if revision <= self.revision:
+            return True  # already applied: nothing twice
+        if revision != self.revision + 1 or event["previous"] != self.hash:
+            return False  # a gap, or not this channel's chain: read what is missing
+        if secret or self.pointers:
+            return False
+        try:
+            stored = docs.apply_patch(self.stored, event["patch"])
+            checked = docs.version_hash(self.hash, revision, stored, event["meta"])
+        except (docs.PatchFailed, ValueError, TypeError):
+            return False
+        if checked != event["hash"]:
+            return False  # the patch does not give the committed document: trust the database
+        # Without secrets the full form is the stored form (as `reveal` with no secrets gives),
+        # so the variant for secret-reading keys is the same patch with its commitments.
+        full = orjson.dumps(event | {"commitments": docs.commitments_of(stored)})
+        self.revision, self.hash = revision, event["hash"]
+        self.stored = self.full = stored
+        self.pointers = []
+        self.previous, self.meta = event["previous"], event["meta"]
+        self._fan_out(Event.encoded("patch", revision, payload, full))
+        return True
+
+    def _fan_out(self, event: Event) -> None:
         self.recent.append(event)
         for subscriber in tuple(self.subscribers):
             subscriber.offer(event)
-        return True
 
     def snapshot(self) -> Event:
         base = {
@@ -332,22 +380,65 @@ def hub_of(platform: Platform) -> Hub:
     return hub
 
 
+def announcement(done: Committed, max_bytes: int) -> bytes:
+    """The pub/sub message announcing a committed version: a header line, then the public
+    event (JSON: revision, hash, previous, meta and the JSON Patch of the stored form, where
+    secrets are commitments), exactly the payload subscribers without secret access get.
+
+    It never holds a secret value: the patch is computed between stored documents, in which
+    every secret is replaced by its commitment. Over `max_bytes` the announcement is the bare
+    environment id, and other processes read the version from the database.
+    """
+    version = done.version
+    event = {
+        "type": "patch",
+        "revision": version.revision,
+        "hash": version.hash,
+        "previous": version.previous_hash,
+        "meta": meta_of(version),
+        "patch": docs.diff(done.previous_stored, done.state.stored),
+    }
+    header = {"v": 1, "env": version.environment_id, "secret": bool(version.secret_pointers)}
+    message = orjson.dumps(header) + b"\n" + orjson.dumps(event)
+    return message if len(message) <= max_bytes else version.environment_id.encode()
+
+
+def parse_announcement(message: bytes) -> tuple[bool, bytes, dict[str, Any]] | None:
+    """(the version holds secrets, the public payload, the payload parsed), or None for a
+    bare announcement or one this process does not understand."""
+    head, newline, payload = message.partition(b"\n")
+    if not newline:
+        return None
+    try:
+        header, event = orjson.loads(head), orjson.loads(payload)
+        if header.get("v") != 1 or event.get("type") != "patch":
+            return None
+        if not isinstance(event.get("revision"), int) or not isinstance(event.get("patch"), list):
+            return None
+        if not all(isinstance(event.get(k), str) for k in ("hash", "previous", "meta")):
+            return None
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    return bool(header.get("secret", True)), payload, event
+
+
 def announce(platform: Platform, session: AsyncSession, done: Committed) -> None:
-    """After the request's transaction commits: publish the environment id so other
-    processes read the version, then hand it to this process's channel (no database read, no
-    task hop: the common single-instance case).
+    """After the request's transaction commits: publish the announcement (with the public
+    event, see `announcement`) so other processes apply the version, then hand it to this
+    process's channel (no database read, no task hop: the common single-instance case).
 
     The publish goes first: its task sends the PUBLISH before the local fan-out (a callback
     queued after it) starts, so other processes read and fan out while this one does rather
     than after its whole fan-out."""
     env_id = done.version.environment_id
+    message = announcement(done, platform.settings.configs.announce_max_bytes)
 
     def publish() -> None:
         hub = hub_of(platform)
 
         async def run() -> None:
             try:
-                await platform.pubsub.publish(CHANNEL + env_id, env_id.encode())
+                await platform.pubsub.publish(CHANNEL + env_id, message)
             except PubSubError:  # subscribers catch up at the next periodic sync
                 log.warning("config announce failed", extra={"event": "configs.announce_failed"})
 

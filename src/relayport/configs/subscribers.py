@@ -36,13 +36,23 @@ class Event:
     __slots__ = ("_frames", "_sse", "_text", "kind", "payloads", "revision")
 
     def __init__(self, kind: str, revision: int, redacted: dict[str, Any], full: dict[str, Any]):
+        # Index 0: secrets as commitments; index 1: secret values (for allowed clients).
+        self._init(kind, revision, orjson.dumps(redacted), orjson.dumps(full))
+
+    def _init(self, kind: str, revision: int, redacted: bytes, full: bytes) -> None:
         self.kind = kind
         self.revision = revision
-        # Index 0: secrets as commitments; index 1: secret values (for allowed clients).
-        self.payloads = (orjson.dumps(redacted), orjson.dumps(full))
+        self.payloads = (redacted, full)
         self._sse: list[bytes | None] = [None, None]
         self._text: list[str | None] = [None, None]
         self._frames: dict[tuple[Framing, bool], bytes] = {}
+
+    @classmethod
+    def encoded(cls, kind: str, revision: int, redacted: bytes, full: bytes) -> Event:
+        """An event from payloads already encoded (as announced by another process)."""
+        event = cls.__new__(cls)
+        event._init(kind, revision, redacted, full)
+        return event
 
     def json(self, secrets: bool) -> bytes:
         return self.payloads[secrets]
