@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.config_propagation [--sizes 100,1000,10000]
         [--modes ws,sse,ws-redis-2,sse-redis-2,broadcast] [--rounds 5] [--client-procs 4]
         [--pg-url postgresql://postgres@127.0.0.1:5432/postgres] [--redis-url redis://…]
-        [--amqp-url amqp://guest:guest@127.0.0.1:5672]
+        [--amqp-url amqp://guest:guest@127.0.0.1:5672] [--py-spy DIR]
 
 Modes, each with real `relayport serve` processes on 127.0.0.1 started and stopped here:
 
@@ -381,6 +381,7 @@ async def measure(
                 raise BenchError(f"{mode} n={n}: subscribers failed: {value}")
         await asyncio.sleep(1.0)  # let allocations settle before reading RSS
         per_sub = (sum(rss_kib(p) for p in pids if p) - before) / n
+        spies = _spy(args.py_spy, pids, f"{mode}-{n}")
         sent: dict[int, int] = {}
         complete = 0
         for r in range(2, 2 + args.rounds):
@@ -410,6 +411,7 @@ async def measure(
                 await asyncio.sleep(0.002)
             complete += waiting == 0
             await asyncio.sleep(0.3)
+        _stop_spies(spies)
         if mode != "broadcast":
             sent = await _created_at(servers[0].base, admin, env_path)
         latencies: list[float] = []
@@ -451,6 +453,35 @@ async def measure(
         if baseline is not None:
             baseline.terminate()
             baseline.join(5)
+
+
+def _spy(out_dir: str | None, pids: list[int | None], name: str) -> list[Any]:
+    """py-spy on each server process during the rounds (raw collapsed stacks, 250 Hz)."""
+    import subprocess
+
+    if not out_dir:
+        return []
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    spy = str(Path(sys.executable).with_name("py-spy"))
+    spies = []
+    for i, pid in enumerate(pids):
+        output = f"{out_dir}/{name}-server{i + 1}.txt"
+        command = [spy, "record", "--pid", str(pid), "--rate", "250", "--format", "raw",
+                   "--nonblocking", "--output", output]  # fmt: skip
+        if pid:
+            spies.append(
+                subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            )
+    return spies
+
+
+def _stop_spies(spies: list[Any]) -> None:
+    import signal
+
+    for spy in spies:
+        spy.send_signal(signal.SIGINT)
+    for spy in spies:
+        spy.wait(30)
 
 
 def _pct(values: list[float], q: float) -> str:
@@ -550,6 +581,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pg-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--amqp-url", default="amqp://guest:guest@127.0.0.1:5672")
+    parser.add_argument("--py-spy", default=None, metavar="DIR",
+                        help="profile each server during the rounds into DIR")  # fmt: skip
     args = parser.parse_args(argv)
     os.environ.setdefault("PYTHONPATH", str(ROOT))
     return asyncio.run(main_async(args))
