@@ -187,6 +187,12 @@ def test_an_announcement_over_the_limit_is_the_bare_environment_id() -> None:
     assert len(announcement(done, 65_536)) > 5000
 
 
+def test_a_change_json_encoders_refuse_is_announced_by_environment_id() -> None:
+    first, second = chain({"k": False}, {"k": -(2**63) - 1})  # stored, but past 64 bits
+    assert announcement(second, 65_536) == ENV.encode()
+    assert parse_announcement(announcement(first, 65_536)) is not None
+
+
 # --- taking it, or falling back to the database -----------------------------------------------
 
 
