@@ -1,13 +1,17 @@
 """Live push: one hub per process fans each new version out to its local subscribers.
 
-A commit announces `{env, revision}` on the platform pub/sub (Redis when scaled out) after the
-transaction commits. Each process that has subscribers for that environment reads the new
-versions from the database once (secrets never travel through Redis), encodes each event once
-per variant (with or without secret values) and hands the same bytes to every subscriber.
+A commit announces the version on the platform pub/sub (Redis when scaled out) after the
+transaction commits, with its public event: the patch subscribers without secret access get,
+secrets only as commitments (`announcement`). A process with subscribers for that environment
+applies the announced event without a database read when it continues its head and no secret
+is involved (`Channel.take`); otherwise it reads the new versions from the database once
+(secret values never travel through Redis), encodes each event once per variant (with or
+without secret values) and hands the same bytes to every subscriber.
 
-Ordering and gaps: a channel applies versions strictly in revision order, reading every version
-after the last one it applied, so an announcement that arrives late, twice or never (a lost
-publish is caught by the periodic sync) leaves no subscriber on a gap. A subscriber is attached
+Ordering and gaps: a channel applies versions strictly in revision order; an announcement that
+does not continue its head (a gap) makes it read every version after the last one it applied,
+so an announcement that arrives late, twice or never (a lost publish is caught by the next
+announcement or the periodic sync) leaves no subscriber on a gap. A subscriber is attached
 and its catch-up computed in one synchronous step, after the channel's pub/sub subscription is
 live and its state loaded: every later version reaches its queue, none twice.
 """
