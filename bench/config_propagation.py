@@ -37,6 +37,7 @@ import json
 import multiprocessing as mp
 import os
 import secrets
+import shutil
 import sys
 import tempfile
 import time
@@ -462,7 +463,10 @@ def _spy(out_dir: str | None, pids: list[int | None], name: str) -> list[Any]:
     if not out_dir:
         return []
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    spy = str(Path(sys.executable).with_name("py-spy"))
+    beside = Path(sys.executable).with_name("py-spy")
+    spy = str(beside) if beside.exists() else shutil.which("py-spy")
+    if spy is None:
+        raise BenchError("--py-spy: no py-spy beside this python or on PATH")
     spies = []
     for i, pid in enumerate(pids):
         output = f"{out_dir}/{name}-server{i + 1}.txt"
