@@ -117,10 +117,12 @@ async def channels() -> AsyncIterator[list[Channel]]:
 
 
 def new_channel(made: list[Channel]) -> tuple[Channel, Subscriber, Subscriber]:
+    """A channel with a public subscriber and a secret reader (counted as `Hub.attach` does)."""
     channel = Channel(_Hub(), "ten_test", ENV)  # type: ignore[arg-type]
     made.append(channel)
     public, secret = Subscriber(False, 100), Subscriber(True, 100)
     channel.subscribers |= {public, secret}
+    channel.secret_readers = 1
     return channel, public, secret
 
 
@@ -145,8 +147,8 @@ async def test_announcement_carries_the_public_event_exactly_as_subscribers_get_
 
     parsed = parse_announcement(announcement(second, 65_536))
     assert parsed is not None
-    has_secrets, payload, event = parsed
-    assert not has_secrets
+    pointers, payload, event = parsed
+    assert pointers == []
     assert payload == events[1].json(False)
     assert event["patch"] == docs.diff(first.state.stored, second.state.stored)
     assert event["previous"] == first.version.hash
@@ -173,7 +175,7 @@ def test_an_announcement_never_holds_a_secret_value() -> None:
         assert b"old-" not in raw
     parsed = parse_announcement(announcement(rotated, 65_536))
     assert parsed is not None
-    assert parsed[0]  # flagged: the version holds secrets
+    assert parsed[0] == ["/db/password"]  # where its secrets are, not what they are
     (op,) = parsed[2]["patch"]
     # The new commitment replaces the old one: that is all the patch says of the secret.
     commitment = rotated.state.stored["db"]["password"][docs.SECRET_MARK]
@@ -234,13 +236,15 @@ async def test_an_announcement_that_does_not_continue_the_chain_is_refused(
     tampered = orjson.loads(announcement(first, 65_536).partition(b"\n")[2])
     tampered["patch"] = [{"op": "add", "path": "/n", "value": 99}]
     fresh, fresh_public, _ = new_channel(channels)
-    assert not fresh.take(b'{"v":1,"secret":false}\n' + orjson.dumps(tampered))
+    assert not fresh.take(b'{"v":1,"pointers":[]}\n' + orjson.dumps(tampered))
     assert fresh.revision == 0
     assert not queued(fresh_public)
     assert [e.revision for e in queued(public)] == [1]
 
 
-async def test_versions_with_secrets_are_read_from_the_database(channels: list[Channel]) -> None:
+async def test_versions_with_secrets_are_read_from_the_database_for_a_secret_reader(
+    channels: list[Channel],
+) -> None:
     plain = committed(None, {"n": 1})
     secret = committed(plain, {"n": 1, "pw": SECRET}, ["/pw"])
     after = committed(secret, {"n": 2, "pw": SECRET}, ["/pw"])
@@ -255,11 +259,40 @@ async def test_versions_with_secrets_are_read_from_the_database(channels: list[C
     assert full[1]["patch"] == [{"op": "add", "path": "/pw", "value": SECRET}]
 
 
+async def test_without_a_secret_reader_versions_with_secrets_are_taken_public_only(
+    channels: list[Channel],
+) -> None:
+    plain = committed(None, {"n": 1})
+    secret = committed(plain, {"n": 1, "pw": SECRET}, ["/pw"])
+    after = committed(secret, {"n": 2, "pw": SECRET}, ["/pw"])
+    channel, public, reader = new_channel(channels)
+    channel.subscribers.discard(reader)
+    channel.secret_readers = 0
+    for done in (plain, secret, after):
+        assert channel.take(announcement(done, 65_536))
+    events = queued(public)
+    assert [e.revision for e in events] == [1, 2, 3]
+    assert [e.has_full for e in events] == [True, False, False]
+    assert (channel.full, channel.pointers) == (None, ["/pw"])  # until `ensure_full`
+    # A secret reader joining at revision 1 cannot get deltas without their secret variant:
+    # it gets a snapshot (with the values, once `ensure_full` has read them back).
+    channel.full = docs.reveal(after.state.stored, after.state.secrets)
+    (snapshot,) = channel.catch_up(1, secrets=True)
+    assert orjson.loads(snapshot.json(True))["config"] == {"n": 2, "pw": SECRET}
+    assert [e.revision for e in channel.catch_up(1)] == [2, 3]  # public readers: deltas
+    # An event without its secret variant is never written to a secret reader.
+    late = Subscriber(True, 100)
+    late.offer(events[1])
+    assert late.lost
+    assert not queued(late)
+
+
 async def test_a_bare_or_unknown_announcement_is_left_to_the_database(
     channels: list[Channel],
 ) -> None:
     channel, public, _ = new_channel(channels)
-    for message in (ENV.encode(), b"", b"garbage\n{", b'{"v":2}\n{}', b'{"v":1}\n[]'):
+    bad = (ENV.encode(), b"", b"garbage\n{", b'{"v":2}\n{}', b'{"v":1}\n[]', b'{"v":1}\n{}')
+    for message in bad:
         assert not channel.take(message)
     assert channel.revision == 0
     assert not queued(public)
@@ -310,8 +343,9 @@ async def test_announced_versions_reach_another_process_once_in_order_without_se
     backend: str, servers: list[Server], settings_kwargs: dict[str, Any], tmp_path: Path
 ) -> None:
     """Writer: an app in this process; reader: a `relayport serve` process. Covers the
-    announced path, a lost announcement (a gap), a change too large to announce, and
-    versions holding secrets, with a public and a secret-reading subscriber on the reader."""
+    announced path, a lost announcement (a gap), a change too large to announce, versions
+    holding secrets taken while no secret reader is there, and a secret reader joining later
+    (the values read back from the database) after which such versions are read."""
     limit = 2048
     reader = start(settings_kwargs, tmp_path, RELAYPORT_CONFIGS__ANNOUNCE_MAX_BYTES=str(limit))
     servers.append(reader)
@@ -331,19 +365,19 @@ async def test_announced_versions_reach_another_process_once_in_order_without_se
         base = env_path(pid, await environment(http, account, pid, "prod"))
         public_key = await client_key(http, account, base)
         secret_key = await client_key(http, account, base, secrets=True)
-        assert (await put(http, account, base, "n", {"value": 1})).status_code == 200
-        url = f"{reader.ws}/v1/client/stream?since=1"
-        async with (
-            websockets.connect(url, additional_headers={"Authorization": f"Bearer {public_key}"})
-            as public,
-            websockets.connect(url, additional_headers={"Authorization": f"Bearer {secret_key}"})
-            as secret,
-        ):  # fmt: skip
-            # Attached (nothing to catch up on): a heartbeat proves it.
-            for ws in (public, secret):
-                assert json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] == "heartbeat"
-            assert (await put(http, account, base, "n", {"value": 2})).status_code == 200  # r2
 
+        async def write(key: str, body: dict[str, Any]) -> None:
+            assert (await put(http, account, base, key, body)).status_code == 200
+
+        def connect(key: str, since: int) -> Any:
+            url = f"{reader.ws}/v1/client/stream?since={since}"
+            return websockets.connect(url, additional_headers={"Authorization": f"Bearer {key}"})
+
+        await write("n", {"value": 1})  # r1
+        async with connect(public_key, 1) as public:
+            # Attached (nothing to catch up on): a heartbeat proves it.
+            assert json.loads(await asyncio.wait_for(public.recv(), 10))["type"] == "heartbeat"
+            await write("n", {"value": 2})  # r2
             # r3 is committed but its announcement is lost; r4's announcement shows the gap.
             pubsub = app.state.platform.pubsub
             publish = pubsub.publish
@@ -352,40 +386,46 @@ async def test_announced_versions_reach_another_process_once_in_order_without_se
                 pass
 
             pubsub.publish = lost
-            assert (await put(http, account, base, "n", {"value": 3})).status_code == 200
+            await write("n", {"value": 3})
             pubsub.publish = publish
-            assert (await put(http, account, base, "n", {"value": 4})).status_code == 200
-            big = "y" * (2 * limit)  # r5: announced by id only
-            assert (await put(http, account, base, "big", {"value": big})).status_code == 200
-            schema = {"type": "string", "x-secret": True}
-            body = {"value": SECRET, "schema": schema}
-            assert (await put(http, account, base, "pw", body)).status_code == 200  # r6
-            assert (await put(http, account, base, "n", {"value": 7})).status_code == 200  # r7
+            await write("n", {"value": 4})
+            big = "y" * (2 * limit)
+            await write("big", {"value": big})  # r5: announced by id only
+            got = await _events(public, 4)  # the reader's reads are done: r6 and r7 are taken
+            await write("pw", {"value": SECRET, "schema": {"type": "string", "x-secret": True}})
+            await write("n", {"value": 7})  # r7
+            got += await _events(public, 2)
 
-            got = await _events(public, 6)
-            got_secret = await _events(secret, 6)
-            for ws in (public, secret):  # anything sent twice would follow at once
-                assert await _more(ws, 0.5) == []
+            # A secret reader joins at r4: r6 and r7 were applied without their secret
+            # variant, so it gets a snapshot, its values read back from the database.
+            async with connect(secret_key, 4) as secret:
+                (snapshot,) = await _events(secret, 1)
+                await write("n", {"value": 8})  # r8: read from the database (a secret reader)
+                got_secret = await _events(secret, 1)
+                got += await _events(public, 1)
+                for ws in (public, secret):  # anything sent twice would follow at once
+                    assert await _more(ws, 0.5) == []
 
-        assert [m["revision"] for m in got] == [2, 3, 4, 5, 6, 7]
-        assert [m["revision"] for m in got_secret] == [2, 3, 4, 5, 6, 7]
-        # The hash chain continues from message to message.
-        for before, after in itertools.pairwise(got):
+        assert [m["revision"] for m in got] == [2, 3, 4, 5, 6, 7, 8]
+        for before, after in itertools.pairwise(got):  # the hash chain continues
             assert after["previous"] == before["hash"]
         assert got[3]["patch"] == [{"op": "add", "path": "/big", "value": big}]
         assert SECRET not in json.dumps(got)
-        assert got_secret[4]["patch"] == [{"op": "add", "path": "/pw", "value": SECRET}]
+        assert (snapshot["type"], snapshot["revision"]) == ("snapshot", 7)
+        assert snapshot["config"] == {"n": 7, "big": big, "pw": SECRET}
+        assert got_secret[0]["revision"] == 8
+        assert got_secret[0]["patch"] == [{"op": "replace", "path": "/n", "value": 8}]
+        assert got_secret[0]["previous"] == snapshot["hash"]
 
-        # On Redis: r1, r2 and r4 carried their public event; r5 was too large (the bare
-        # id); r6 and r7 are flagged as holding secrets (the pw key); r3 was never
-        # published. No secret value in any raw message.
+        # On Redis: r1, r2, r4, r6, r7 and r8 carried their public event (r6 on, with where
+        # its secret is); r5 was too large (the bare id); r3 was never published. No secret
+        # value in any raw message.
         deadline = asyncio.get_running_loop().time() + 5
-        while len(raw) < 6 and asyncio.get_running_loop().time() < deadline:
+        while len(raw) < 7 and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)
         assert not any(SECRET.encode() in message for message in raw)
         announced = [parse_announcement(message) for message in raw]
-        revisions = [a[2]["revision"] if a else None for a in announced]
-        assert revisions == [1, 2, 4, None, 6, 7]
+        assert [a[2]["revision"] if a else None for a in announced] == [1, 2, 4, None, 6, 7, 8]
         assert raw[3] == base.rsplit("/", 1)[1].encode()
-        assert [a[0] if a else None for a in announced] == [False, False, False, None, True, True]
+        assert [a[0] if a else None for a in announced] == [[], [], [], None, *[["/pw"]] * 3]
         assert all(len(message) <= limit for message in raw)

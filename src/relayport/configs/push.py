@@ -63,8 +63,13 @@ class Channel:
         self.revision = 0
         self.hash = ""
         self.stored: dict[str, Any] = {}
-        self.full: dict[str, Any] = {}
+        # The document with secret values; None when announcements without them were applied
+        # while no subscriber here could read secrets (`ensure_full` reads it back).
+        self.full: dict[str, Any] | None = {}
         self.pointers: list[str] = []
+        # Subscribers reading secrets, attached or attaching: while there are any, versions
+        # that involve secrets are read from the database (announcements carry no values).
+        self.secret_readers = 0
         self.previous = ""
         self.meta = ""
         self.recent: deque[Event] = deque(maxlen=hub.recent)
@@ -130,6 +135,7 @@ class Channel:
         if version.revision != self.revision + 1:
             return False
         full = state.full()
+        known = self.full  # None: not known here (see `take`); the event has no secret variant
         base = {
             "type": "patch",
             "revision": version.revision,
@@ -142,7 +148,9 @@ class Channel:
             "patch",
             version.revision,
             base | {"patch": docs.diff(self.stored, state.stored)},
-            base | {"patch": docs.diff(self.full, full), "commitments": commitments},
+            None
+            if known is None
+            else base | {"patch": docs.diff(known, full), "commitments": commitments},
         )
         self.revision, self.hash = version.revision, version.hash
         self.stored, self.full, self.pointers = state.stored, full, state.pointers
@@ -157,9 +165,11 @@ class Channel:
         before: the committing process's own echo, a duplicate); False when it must read the
         database instead: a bare announcement (the change was too large to carry, or came
         from an older process), a gap (a revision in between was not applied here yet), a
-        chain that does not continue this channel's head, or an environment holding secrets
-        (the announcement carries only the public form; the secret values a client key with
-        secret access gets are read from the database, never carried through Redis).
+        chain that does not continue this channel's head, or secrets while a subscriber here
+        reads them (the announcement carries only the public form; the secret values a
+        client key with secret access gets are read from the database, never carried
+        through Redis). With secrets and no such subscriber, the version is applied without
+        its secret variant and the channel forgets its full document until one attaches.
 
         Synchronous: it applies the version in one step, so a concurrent `sync` (which
         re-checks the revision before each apply) and the local fast path cannot apply it
@@ -168,13 +178,14 @@ class Channel:
         announced = parse_announcement(message)
         if announced is None:
             return False
-        secret, payload, event = announced
+        pointers, payload, event = announced
         revision = event["revision"]
         if revision <= self.revision:
             return True  # already applied: nothing twice
         if revision != self.revision + 1 or event["previous"] != self.hash:
             return False  # a gap, or not this channel's chain: read what is missing
-        if secret or self.pointers:
+        secret = bool(pointers) or bool(self.pointers)
+        if secret and self.secret_readers:
             return False
         try:
             stored = docs.apply_patch(self.stored, event["patch"])
@@ -184,11 +195,16 @@ class Channel:
         if checked != event["hash"]:
             return False  # the patch does not give the committed document: trust the database
         # Without secrets the full form is the stored form (as `reveal` with no secrets gives),
-        # so the variant for secret-reading keys is the same patch with its commitments.
-        full = orjson.dumps(event | {"commitments": docs.commitments_of(stored)})
+        # so the variant for secret-reading keys is the same patch with its commitments. With
+        # secrets nobody here may read them: no secret variant, and the full document is
+        # unknown until `ensure_full` reads it.
+        full = (
+            None if secret else orjson.dumps(event | {"commitments": docs.commitments_of(stored)})
+        )
         self.revision, self.hash = revision, event["hash"]
-        self.stored = self.full = stored
-        self.pointers = []
+        self.stored = stored
+        self.full = None if secret else stored
+        self.pointers = pointers
         self.previous, self.meta = event["previous"], event["meta"]
         self._fan_out(Event.encoded("patch", revision, payload, full))
         return True
@@ -198,6 +214,24 @@ class Channel:
         for subscriber in tuple(self.subscribers):
             subscriber.offer(event)
 
+    async def ensure_full(self) -> None:
+        """Read back the full document (secret values) when announcements left it unknown.
+
+        Called by an attaching secret reader, already counted in `secret_readers`, so no
+        announcement can make it unknown again meanwhile."""
+        while self.full is None:
+            async with self._lock, self.hub.platform.db.reads() as session:
+                revision = self.revision
+                if self.full is not None:
+                    return
+                version = await VersionRepository(session, self.tenant_id).at(self.env_id, revision)
+                if version is None:  # versions are append-only: only a broken database
+                    raise PubSubError(f"revision {revision} of {self.env_id} is missing")
+                keyring = self.hub.platform.keyring
+                state = await state_from(session, keyring, version, with_secrets=True)
+                if self.revision == revision and self.full is None:
+                    self.full = state.full()
+
     def snapshot(self) -> Event:
         base = {
             "type": "snapshot",
@@ -206,22 +240,28 @@ class Channel:
             "previous": self.previous,
             "meta": self.meta,
         }
+        full = self.full
         return Event(
             "snapshot",
             self.revision,
             base | {"config": self.stored},
-            base | {"config": self.full, "commitments": docs.commitments_of(self.stored)},
+            None
+            if full is None
+            else base | {"config": full, "commitments": docs.commitments_of(self.stored)},
         )
 
-    def catch_up(self, since: int | None) -> list[Event]:
-        """What a client at `since` needs: nothing, the missed deltas, or a snapshot."""
+    def catch_up(self, since: int | None, secrets: bool = False) -> list[Event]:
+        """What a client at `since` needs: nothing, the missed deltas, or a snapshot (also
+        for a secret reader when a delta it needs was applied without its secret variant)."""
         if not since:  # a client with nothing gets the whole state, even an empty one
             return [self.snapshot()]
         if since == self.revision:
             return []
         oldest = self.recent[0].revision if self.recent else self.revision + 1
         if oldest - 1 <= since < self.revision:
-            return [e for e in self.recent if e.revision > since]
+            missed = [e for e in self.recent if e.revision > since]
+            if not secrets or all(e.has_full for e in missed):
+                return missed
         return [self.snapshot()]
 
 
@@ -251,14 +291,27 @@ class Hub:
         channel = self.channels.get(env_id)
         if channel is None or channel.task.done():
             channel = self.channels[env_id] = Channel(self, tenant_id, env_id)
-        await channel.ready.wait()
-        if channel.failed is not None:
-            self.channels.pop(env_id, None)
-            raise PubSubError("live configuration is unavailable") from channel.failed
-        if since is not None and since > channel.revision:
-            # The client saw a version this process has not applied yet (it was announced
-            # elsewhere first): catch up rather than send it an older snapshot.
-            await channel.sync()
+        channel.secret_readers += secrets  # from now on, versions with secrets are read
+        try:
+            await channel.ready.wait()
+            if channel.failed is not None:
+                if self.channels.get(env_id) is channel:
+                    del self.channels[env_id]
+                raise PubSubError("live configuration is unavailable") from channel.failed
+            if since is not None and since > channel.revision:
+                # The client saw a version this process has not applied yet (it was announced
+                # elsewhere first): catch up rather than send it an older snapshot.
+                await channel.sync()
+            if secrets:
+                await channel.ensure_full()
+        except BaseException:
+            channel.secret_readers -= secrets
+            raise
+        if self.channels.get(env_id) is not channel:  # its last subscriber left meanwhile
+            channel.secret_readers -= secrets
+            return await self.attach(
+                tenant_id, env_id, secrets=secrets, since=since, key_id=key_id, name=name
+            )
         self._ensure_ticker()
         # No await from here to the return: attach and catch-up see the same channel state.
         subscriber = Subscriber(secrets, self.bound, key_id, name)
@@ -266,11 +319,12 @@ class Hub:
         SUBSCRIBERS.inc()
         self.count += 1
         self._gc_freeze()
-        return channel, subscriber, channel.catch_up(since)
+        return channel, subscriber, channel.catch_up(since, secrets)
 
     def detach(self, channel: Channel, subscriber: Subscriber) -> None:
         if subscriber in channel.subscribers:
             channel.subscribers.discard(subscriber)
+            channel.secret_readers -= subscriber.secrets
             SUBSCRIBERS.dec()
             self.count -= 1
             if self.frozen_at and self.count < self.frozen_at // 2:
@@ -404,7 +458,8 @@ def announcement(done: Committed, max_bytes: int) -> bytes:
         "meta": meta_of(version),
         "patch": docs.diff(done.previous_stored, done.state.stored),
     }
-    header = {"v": 1, "env": version.environment_id, "secret": bool(version.secret_pointers)}
+    # The pointers say where the version's secrets are (their paths, never their values).
+    header = {"v": 1, "env": version.environment_id, "pointers": list(version.secret_pointers)}
     bare = version.environment_id.encode()
     try:
         message = orjson.dumps(header) + b"\n" + orjson.dumps(event)
@@ -413,8 +468,8 @@ def announcement(done: Committed, max_bytes: int) -> bytes:
     return message if len(message) <= max_bytes else bare
 
 
-def parse_announcement(message: bytes) -> tuple[bool, bytes, dict[str, Any]] | None:
-    """(the version holds secrets, the public payload, the payload parsed), or None for a
+def parse_announcement(message: bytes) -> tuple[list[str], bytes, dict[str, Any]] | None:
+    """(the version's secret pointers, the public payload, the payload parsed), or None for a
     bare announcement or one this process does not understand."""
     head, newline, payload = message.partition(b"\n")
     if not newline:
@@ -427,9 +482,12 @@ def parse_announcement(message: bytes) -> tuple[bool, bytes, dict[str, Any]] | N
             return None
         if not all(isinstance(event.get(k), str) for k in ("hash", "previous", "meta")):
             return None
-    except (orjson.JSONDecodeError, AttributeError):
+        pointers = header["pointers"]
+        if not isinstance(pointers, list) or not all(isinstance(p, str) for p in pointers):
+            return None
+    except (orjson.JSONDecodeError, AttributeError, KeyError):
         return None
-    return bool(header.get("secret", True)), payload, event
+    return pointers, payload, event
 
 
 def announce(platform: Platform, session: AsyncSession, done: Committed) -> None:
