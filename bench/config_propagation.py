@@ -418,6 +418,7 @@ async def measure(
         latencies: list[float] = []
         by_server: dict[int, list[float]] = {}
         slowest: dict[int, float] = {}
+        fastest: dict[int, float] = {}
         received = 0
         for _, pipe in procs:
             pipe.send("stop")
@@ -433,6 +434,7 @@ async def measure(
                     for (_, server), ms in zip(stamps, lat, strict=True):
                         by_server.setdefault(server, []).append(ms)
                     slowest[int(revision)] = max(slowest.get(int(revision), 0.0), *lat)
+                    fastest[int(revision)] = min(fastest.get(int(revision), 1e9), *lat)
         latencies.sort()
         for values in by_server.values():
             values.sort()
@@ -441,6 +443,7 @@ async def measure(
             "mode": mode, "n": n, "rounds": args.rounds, "complete": complete,
             "delivered": received / (n * args.rounds), "latencies": latencies,
             "kib_per_sub": per_sub, "slowest": [round(slowest[r]) for r in sorted(slowest)],
+            "fastest": [round(fastest[r], 1) for r in sorted(fastest)],
         }  # fmt: skip
     finally:
         for proc, pipe in procs:
@@ -563,7 +566,8 @@ async def main_async(args: Any) -> int:
                     lat = row["latencies"]
                     print(f"{mode:>12} n={n:>6}: p50 {_pct(lat, 0.5)} ms, p99 {_pct(lat, 0.99)} "
                           f"ms, delivered {row['delivered']:.1%}, "
-                          f"slowest per round {row['slowest']} ms", flush=True)  # fmt: skip
+                          f"slowest per round {row['slowest']} ms, "
+                          f"fastest {row['fastest']} ms", flush=True)  # fmt: skip
                     if len(row["by_server"]) > 1:  # the writer's subscribers, then the others'
                         split = ", ".join(
                             f"server {i + 1}: p50 {_pct(v, 0.5)} / p99 {_pct(v, 0.99)} ms"
