@@ -532,6 +532,7 @@ async def main_async(args: Any) -> int:
             "RELAYPORT_CRYPTO__MASTER_KEYS": json.dumps(
                 {"bench": base64.b64encode(os.urandom(32)).decode()}
             ),
+            **dict(item.split("=", 1) for item in args.server_env),
         }
         for mode in modes:
             for n in sizes:
@@ -589,6 +590,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pg-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--amqp-url", default="amqp://guest:guest@127.0.0.1:5672")
+    parser.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="an extra server setting, e.g. RELAYPORT_X=1")  # fmt: skip
     parser.add_argument("--py-spy", default=None, metavar="DIR",
                         help="profile each server during the rounds into DIR")  # fmt: skip
     args = parser.parse_args(argv)
