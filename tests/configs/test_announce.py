@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import types
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,15 @@ from redis.asyncio import Redis
 
 from relayport.configs import documents as docs
 from relayport.configs.models import Version
-from relayport.configs.push import CHANNEL, Channel, announcement, parse_announcement
+from relayport.configs.push import (
+    CHANNEL,
+    PUBLISH_HEAD_START_S,
+    Channel,
+    announce,
+    announcement,
+    hub_of,
+    parse_announcement,
+)
 from relayport.configs.subscribers import Event, Subscriber
 from relayport.configs.versions import Committed, State, meta_of
 from relayport.core.db import utcnow
@@ -296,6 +305,74 @@ async def test_a_bare_or_unknown_announcement_is_left_to_the_database(
         assert not channel.take(message)
     assert channel.revision == 0
     assert not queued(public)
+
+
+# --- the committing process: publish first, then its own fan-out ---------------------------
+
+
+class _HeldPubSub(_QuietPubSub):
+    """A pub/sub whose PUBLISH completes only when the test says so."""
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+        self.release = asyncio.Event()
+
+    async def publish(self, channel: str, message: bytes) -> None:
+        self.sent.append(message)
+        await self.release.wait()
+
+
+def _committing_process(pubsub: Any) -> tuple[Any, Any]:
+    settings = types.SimpleNamespace(
+        announce_max_bytes=65_536, recent_versions=8, subscriber_queue=100, gc_freeze_from=0
+    )
+    platform = types.SimpleNamespace(
+        settings=types.SimpleNamespace(configs=settings), pubsub=pubsub, extras={}
+    )
+    return platform, types.SimpleNamespace(info={})
+
+
+async def _local_channel(platform: Any) -> tuple[Channel, Subscriber]:
+    hub = hub_of(platform)
+    channel = hub.channels[ENV] = Channel(hub, "ten_test", ENV)
+    channel.ready.set()
+    subscriber = Subscriber(False, 100)
+    channel.subscribers.add(subscriber)
+    return channel, subscriber
+
+
+async def test_the_local_fan_out_waits_for_the_publish_to_be_sent() -> None:
+    pubsub = _HeldPubSub()
+    platform, session = _committing_process(pubsub)
+    channel, local = await _local_channel(platform)
+    (done,) = chain({"n": 1})
+    announce(platform, session, done)
+    for callback in session.info["after_commit"]:  # as the request's commit does
+        callback()
+    await asyncio.sleep(0.001)
+    assert pubsub.sent == [announcement(done, 65_536)]
+    assert not queued(local)  # the PUBLISH has not been answered yet
+    pubsub.release.set()
+    await asyncio.sleep(0.001)
+    assert [e.revision for e in queued(local)] == [1]
+    assert channel.take(pubsub.sent[0])  # its own echo: nothing twice
+    assert not queued(local)
+    channel.task.cancel()
+
+
+async def test_a_redis_that_does_not_answer_delays_the_local_fan_out_only_briefly() -> None:
+    pubsub = _HeldPubSub()  # never released
+    platform, session = _committing_process(pubsub)
+    channel, local = await _local_channel(platform)
+    (done,) = chain({"n": 1})
+    announce(platform, session, done)
+    for callback in session.info["after_commit"]:
+        callback()
+    await asyncio.sleep(PUBLISH_HEAD_START_S * 4)
+    assert [e.revision for e in queued(local)] == [1]
+    channel.task.cancel()
+    for task in list(hub_of(platform)._tasks):
+        task.cancel()
 
 
 # --- end to end: real PostgreSQL, Redis and a second process ---------------------------------
