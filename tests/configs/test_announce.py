@@ -87,18 +87,6 @@ def chain(*docs_: dict[str, Any]) -> list[Committed]:
     return out
 
 
-async def _more(ws: Any, seconds: float) -> list[dict[str, Any]]:
-    """What else (heartbeats aside) arrives within `seconds`."""
-    out: list[dict[str, Any]] = []
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(seconds):
-            while True:
-                message = json.loads(await ws.recv())
-                if message["type"] != "heartbeat":
-                    out.append(message)
-    return out
-
-
 class _QuietPubSub:
     """A pub/sub whose subscription never delivers: the tests feed the channel themselves."""
 
@@ -412,6 +400,18 @@ async def _events(ws: Any, count: int) -> list[dict[str, Any]]:
         message = json.loads(await asyncio.wait_for(ws.recv(), 10))
         if message["type"] != "heartbeat":
             out.append(message)
+    return out
+
+
+async def _more(ws: Any, seconds: float) -> list[dict[str, Any]]:
+    """What else (heartbeats aside) arrives within `seconds`."""
+    out: list[dict[str, Any]] = []
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            while True:
+                message = json.loads(await ws.recv())
+                if message["type"] != "heartbeat":
+                    out.append(message)
     return out
 
 
