@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.config_propagation [--sizes 100,1000,10000]
         [--modes ws,sse,ws-redis-2,sse-redis-2,broadcast] [--rounds 5] [--client-procs 4]
         [--pg-url postgresql://postgres@127.0.0.1:5432/postgres] [--redis-url redis://…]
-        [--amqp-url amqp://guest:guest@127.0.0.1:5672]
+        [--amqp-url amqp://guest:guest@127.0.0.1:5672] [--py-spy DIR]
 
 Modes, each with real `relayport serve` processes on 127.0.0.1 started and stopped here:
 
@@ -37,6 +37,7 @@ import json
 import multiprocessing as mp
 import os
 import secrets
+import shutil
 import sys
 import tempfile
 import time
@@ -76,7 +77,8 @@ class _LeanClient(asyncio.Protocol):
     Kept this lean so that on two shared cores the clients cost little beside the server.
     """
 
-    def __init__(self, request: bytes, ws: bool, opened: Any, record: Any) -> None:
+    def __init__(self, request: bytes, ws: bool, opened: Any, record: Any, server: int) -> None:
+        self.server = server  # which server of the mode (its index in the URLs)
         self.request = request
         self.ws = ws
         self.opened = opened
@@ -133,7 +135,7 @@ class _LeanClient(asyncio.Protocol):
             if opcode == 1:
                 message = json.loads(payload)
                 if message.get("type") in ("patch", "broadcast"):
-                    self.record(int(message["revision"]))
+                    self.record(int(message["revision"]), self.server)
 
     def _lines(self) -> None:
         buf = self.buf
@@ -144,7 +146,7 @@ class _LeanClient(asyncio.Protocol):
             if line.startswith(b"id: "):
                 self.pending = int(line[4:])
             elif not line and self.pending is not None:  # end of an event: dispatch it
-                self.record(self.pending)
+                self.record(self.pending, self.server)
                 self.pending = None
         del buf[:start]
 
@@ -152,6 +154,7 @@ class _LeanClient(asyncio.Protocol):
 async def _subscribers(spec: dict[str, Any], pipe: Any) -> None:
     """Open spec["n"] connections, report ready, record (revision, ns) per message until told."""
     seen: dict[int, list[int]] = {}
+    servers: dict[int, list[int]] = {}  # the server index of each stamp in `seen`
     target = spec["n"]
     sem = asyncio.Semaphore(200)  # bound concurrent handshakes
     ready = asyncio.Event()
@@ -159,9 +162,10 @@ async def _subscribers(spec: dict[str, Any], pipe: Any) -> None:
     loop = asyncio.get_running_loop()
     ws = spec["transport"] == "ws"
 
-    def record(revision: int) -> None:
+    def record(revision: int, server: int) -> None:
         stamps = seen.setdefault(revision, [])
         stamps.append(time.time_ns())
+        servers.setdefault(revision, []).append(server)
         if len(stamps) == target:
             pipe.send(("have", revision))
 
@@ -186,15 +190,16 @@ async def _subscribers(spec: dict[str, Any], pipe: Any) -> None:
 
     transports: list[Any] = []
 
-    async def one(url: str) -> None:
+    async def one(server: int) -> None:
+        url = spec["urls"][server]
         host, _, port = url.partition("://")[2].partition("/")[0].partition(":")
         async with sem:
-            client = _LeanClient(request(url), ws, count_open, record)
+            client = _LeanClient(request(url), ws, count_open, record, server)
             transport, _ = await loop.create_connection(lambda: client, host, int(port))
             transports.append(transport)
             await asyncio.wait_for(client.handshake, 60)
 
-    tasks = [asyncio.ensure_future(one(spec["urls"][i % len(spec["urls"])])) for i in range(target)]
+    tasks = [asyncio.ensure_future(one(i % len(spec["urls"]))) for i in range(target)]
     done = asyncio.ensure_future(ready.wait())
     await asyncio.wait([done, *tasks], timeout=CONNECT_TIMEOUT_S)
     failed = [t for t in tasks if t.done() and t.exception() is not None]
@@ -203,7 +208,7 @@ async def _subscribers(spec: dict[str, Any], pipe: Any) -> None:
         return
     pipe.send(("ready", target))
     await loop.run_in_executor(None, pipe.recv)  # "stop"
-    pipe.send(("stamps", {str(k): v for k, v in seen.items()}))
+    pipe.send(("stamps", {str(k): list(zip(v, servers[k], strict=True)) for k, v in seen.items()}))
     for transport in transports:
         transport.abort()
 
@@ -377,6 +382,7 @@ async def measure(
                 raise BenchError(f"{mode} n={n}: subscribers failed: {value}")
         await asyncio.sleep(1.0)  # let allocations settle before reading RSS
         per_sub = (sum(rss_kib(p) for p in pids if p) - before) / n
+        spies = _spy(args.py_spy, pids, f"{mode}-{n}")
         sent: dict[int, int] = {}
         complete = 0
         for r in range(2, 2 + args.rounds):
@@ -406,10 +412,13 @@ async def measure(
                 await asyncio.sleep(0.002)
             complete += waiting == 0
             await asyncio.sleep(0.3)
+        _stop_spies(spies)
         if mode != "broadcast":
             sent = await _created_at(servers[0].base, admin, env_path)
         latencies: list[float] = []
+        by_server: dict[int, list[float]] = {}
         slowest: dict[int, float] = {}
+        fastest: dict[int, float] = {}
         received = 0
         for _, pipe in procs:
             pipe.send("stop")
@@ -420,14 +429,21 @@ async def measure(
             for revision, stamps in value.items():
                 if int(revision) in sent and int(revision) >= 2:
                     received += len(stamps)
-                    lat = [(s - sent[int(revision)]) / 1e6 for s in stamps]
+                    lat = [(s - sent[int(revision)]) / 1e6 for s, _ in stamps]
                     latencies += lat
+                    for (_, server), ms in zip(stamps, lat, strict=True):
+                        by_server.setdefault(server, []).append(ms)
                     slowest[int(revision)] = max(slowest.get(int(revision), 0.0), *lat)
+                    fastest[int(revision)] = min(fastest.get(int(revision), 1e9), *lat)
         latencies.sort()
+        for values in by_server.values():
+            values.sort()
         return {
+            "by_server": [by_server[i] for i in sorted(by_server)],
             "mode": mode, "n": n, "rounds": args.rounds, "complete": complete,
             "delivered": received / (n * args.rounds), "latencies": latencies,
             "kib_per_sub": per_sub, "slowest": [round(slowest[r]) for r in sorted(slowest)],
+            "fastest": [round(fastest[r], 1) for r in sorted(fastest)],
         }  # fmt: skip
     finally:
         for proc, pipe in procs:
@@ -441,6 +457,38 @@ async def measure(
         if baseline is not None:
             baseline.terminate()
             baseline.join(5)
+
+
+def _spy(out_dir: str | None, pids: list[int | None], name: str) -> list[Any]:
+    """py-spy on each server process during the rounds (raw collapsed stacks, 250 Hz)."""
+    import subprocess
+
+    if not out_dir:
+        return []
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    beside = Path(sys.executable).with_name("py-spy")
+    spy = str(beside) if beside.exists() else shutil.which("py-spy")
+    if spy is None:
+        raise BenchError("--py-spy: no py-spy beside this python or on PATH")
+    spies = []
+    for i, pid in enumerate(pids):
+        output = f"{out_dir}/{name}-server{i + 1}.txt"
+        command = [spy, "record", "--pid", str(pid), "--rate", "250", "--format", "raw",
+                   "--nonblocking", "--output", output]  # fmt: skip
+        if pid:
+            spies.append(
+                subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            )
+    return spies
+
+
+def _stop_spies(spies: list[Any]) -> None:
+    import signal
+
+    for spy in spies:
+        spy.send_signal(signal.SIGINT)
+    for spy in spies:
+        spy.wait(30)
 
 
 def _pct(values: list[float], q: float) -> str:
@@ -484,6 +532,7 @@ async def main_async(args: Any) -> int:
             "RELAYPORT_CRYPTO__MASTER_KEYS": json.dumps(
                 {"bench": base64.b64encode(os.urandom(32)).decode()}
             ),
+            **dict(item.split("=", 1) for item in args.server_env),
         }
         for mode in modes:
             for n in sizes:
@@ -518,7 +567,15 @@ async def main_async(args: Any) -> int:
                     lat = row["latencies"]
                     print(f"{mode:>12} n={n:>6}: p50 {_pct(lat, 0.5)} ms, p99 {_pct(lat, 0.99)} "
                           f"ms, delivered {row['delivered']:.1%}, "
-                          f"slowest per round {row['slowest']} ms", flush=True)  # fmt: skip
+                          f"slowest per round {row['slowest']} ms, "
+                          f"fastest {row['fastest']} ms", flush=True)  # fmt: skip
+                    if len(row["by_server"]) > 1:  # the writer's subscribers, then the others'
+                        split = ", ".join(
+                            f"server {i + 1}: p50 {_pct(v, 0.5)} / p99 {_pct(v, 0.99)} ms"
+                            for i, v in enumerate(row["by_server"])
+                        )
+                        print(f"{'':>12} by server (the write goes to server 1): {split}",
+                              flush=True)  # fmt: skip
     print_table(rows)
     return 0
 
@@ -533,6 +590,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pg-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--amqp-url", default="amqp://guest:guest@127.0.0.1:5672")
+    parser.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="an extra server setting, e.g. RELAYPORT_X=1")  # fmt: skip
+    parser.add_argument("--py-spy", default=None, metavar="DIR",
+                        help="profile each server during the rounds into DIR")  # fmt: skip
     args = parser.parse_args(argv)
     os.environ.setdefault("PYTHONPATH", str(ROOT))
     return asyncio.run(main_async(args))

@@ -259,6 +259,10 @@ class ConfigsSettings(BaseModel):
     # From this many subscribers in a process, freeze long-lived objects out of the cyclic GC
     # at each doubling (0: never). See configs/push.py Hub._gc_freeze.
     gc_freeze_from: int = Field(default=1_000, ge=0)
+    # A committed version is announced to the other processes with its public event (the
+    # patch without secret values) when the message fits in this many bytes; a larger one is
+    # announced by environment id alone, and each process reads it from the database.
+    announce_max_bytes: int = Field(default=65_536, ge=0, le=16_777_216)
 
 
 class Settings(BaseSettings):

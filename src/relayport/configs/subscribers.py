@@ -35,17 +35,40 @@ class Event:
 
     __slots__ = ("_frames", "_sse", "_text", "kind", "payloads", "revision")
 
-    def __init__(self, kind: str, revision: int, redacted: dict[str, Any], full: dict[str, Any]):
+    def __init__(
+        self, kind: str, revision: int, redacted: dict[str, Any], full: dict[str, Any] | None
+    ) -> None:
+        # Index 0: secrets as commitments; index 1: secret values (for allowed clients), None
+        # when this process applied the version without them (no secret reader was here).
+        self._init(
+            kind, revision, orjson.dumps(redacted), None if full is None else orjson.dumps(full)
+        )
+
+    def _init(self, kind: str, revision: int, redacted: bytes, full: bytes | None) -> None:
         self.kind = kind
         self.revision = revision
-        # Index 0: secrets as commitments; index 1: secret values (for allowed clients).
-        self.payloads = (orjson.dumps(redacted), orjson.dumps(full))
+        self.payloads = (redacted, full)
         self._sse: list[bytes | None] = [None, None]
         self._text: list[str | None] = [None, None]
         self._frames: dict[tuple[Framing, bool], bytes] = {}
 
+    @classmethod
+    def encoded(cls, kind: str, revision: int, redacted: bytes, full: bytes | None) -> Event:
+        """An event from payloads already encoded (as announced by another process)."""
+        event = cls.__new__(cls)
+        event._init(kind, revision, redacted, full)
+        return event
+
+    @property
+    def has_full(self) -> bool:
+        """Whether the variant with secret values exists (see `Channel.take`)."""
+        return self.payloads[1] is not None
+
     def json(self, secrets: bool) -> bytes:
-        return self.payloads[secrets]
+        payload = self.payloads[secrets]
+        if payload is None:  # the hub never hands such an event to a secret reader
+            raise LookupError(f"revision {self.revision} has no variant with secrets here")
+        return payload
 
     def sse(self, secrets: bool) -> bytes:
         frame = self._sse[secrets]
@@ -53,13 +76,13 @@ class Event:
             # Heartbeats carry no id: Last-Event-ID must only ever name a version.
             tag = "" if self.kind == "heartbeat" else f"id: {self.revision}\n"
             head = f"{tag}event: {self.kind}\ndata: ".encode()
-            frame = self._sse[secrets] = head + self.payloads[secrets] + b"\n\n"
+            frame = self._sse[secrets] = head + self.json(secrets) + b"\n\n"
         return frame
 
     def text(self, secrets: bool) -> str:
         text = self._text[secrets]
         if text is None:
-            text = self._text[secrets] = self.payloads[secrets].decode()
+            text = self._text[secrets] = self.json(secrets).decode()
         return text
 
     def frame(self, framing: Framing, secrets: bool) -> bytes:
@@ -67,7 +90,7 @@ class Event:
         frame = self._frames.get((framing, secrets))
         if frame is None:
             if framing == "ws":
-                frame = ws_text_frame(self.payloads[secrets])
+                frame = ws_text_frame(self.json(secrets))
             else:
                 frame = http_chunk(self.sse(secrets))
             self._frames[framing, secrets] = frame
@@ -120,6 +143,11 @@ class Subscriber:
     def offer(self, event: Event) -> None:
         if self.lost:
             return
+        if self.secrets and not event.has_full:
+            # Not expected (a channel with secret readers reads such versions from the
+            # database); should it happen, a resync beats a wrong or missing revision.
+            self._fell_behind(False)
+            return
         wire = self.wire
         if wire is not None:
             if not wire.write(event.frame(wire.framing, self.secrets)):
@@ -143,6 +171,9 @@ class Subscriber:
         self.wire = wire
         for event in pending:
             if self.lost:
+                break
+            if self.secrets and not event.has_full:
+                self._fell_behind(False)
                 break
             if not wire.write(event.frame(wire.framing, self.secrets)):
                 self._fell_behind(not wire.closed())

@@ -134,6 +134,9 @@ Mutation = Callable[[State], tuple[dict[str, Any], dict[str, Any], list[str]]]
 class Committed:
     version: Version
     state: State
+    # The stored form (secrets as commitments) of the version before: the public patch that
+    # announces this version to other processes is computed against it.
+    previous_stored: dict[str, Any] = field(default_factory=dict)
 
 
 async def commit(
@@ -200,7 +203,7 @@ async def commit(
     await session.flush()
     await envs.set_head(env_id, version.hash)
     state = State(revision, version.hash, stored, schemas, sorted(secrets), secrets)
-    return Committed(version, state)
+    return Committed(version, state, head.stored)
 
 
 def chain_problems(versions: list[Version]) -> list[dict[str, Any]]:
