@@ -36,6 +36,7 @@ from relayport.configs.push import (
 )
 from relayport.configs.subscribers import Event, Subscriber
 from relayport.configs.versions import Committed, State, meta_of
+from relayport.core.crypto import KeyRing
 from relayport.core.db import utcnow
 from relayport.core.ids import new_id
 from relayport.settings import ConfigsSettings, Settings
@@ -43,6 +44,7 @@ from tests.configs.conftest import Server, start
 from tests.configs.helpers import client_key, env_path, environment, project, put
 from tests.conftest import signup
 
+KEYRING = KeyRing({"t1": bytes(range(32))}, "t1")
 SECRET = "hunter2-correct-horse"  # a value that must never appear in a Redis message
 ENV = "cfe_test"
 
@@ -101,6 +103,7 @@ class _Hub:
 
     class platform:  # what Channel reads of the platform
         pubsub = _QuietPubSub()
+        keyring = KEYRING
 
 
 @pytest.fixture
@@ -142,7 +145,7 @@ async def test_announcement_carries_the_public_event_exactly_as_subscribers_get_
     events = queued(public)
     secret_events = queued(secret)
 
-    parsed = parse_announcement(announcement(second, 65_536))
+    parsed = parse_announcement(announcement(second, 65_536, KEYRING), KEYRING)
     assert parsed is not None
     pointers, payload, event = parsed
     assert pointers == []
@@ -154,8 +157,8 @@ async def test_announcement_carries_the_public_event_exactly_as_subscribers_get_
     # A channel applying the announcements gives byte-identical events for both variants,
     # and the same state (snapshots included) as the one that read the versions.
     by_announcement, public2, secret2 = new_channel(channels)
-    assert by_announcement.take(announcement(first, 65_536))
-    assert by_announcement.take(announcement(second, 65_536))
+    assert by_announcement.take(announcement(first, 65_536, KEYRING))
+    assert by_announcement.take(announcement(second, 65_536, KEYRING))
     assert [e.payloads for e in queued(public2)] == [e.payloads for e in events]
     assert [e.payloads for e in queued(secret2)] == [e.payloads for e in secret_events]
     assert by_announcement.snapshot().payloads == by_read.snapshot().payloads
@@ -167,10 +170,10 @@ def test_an_announcement_never_holds_a_secret_value() -> None:
     rotated = committed(plain, {"db": {"host": "h", "password": SECRET}}, ["/db/password"])
     removed = committed(rotated, {"db": {"host": "h2"}})
     for done in (plain, rotated, removed):
-        raw = announcement(done, 65_536)
+        raw = announcement(done, 65_536, KEYRING)
         assert SECRET.encode() not in raw
         assert b"old-" not in raw
-    parsed = parse_announcement(announcement(rotated, 65_536))
+    parsed = parse_announcement(announcement(rotated, 65_536, KEYRING), KEYRING)
     assert parsed is not None
     assert parsed[0] == ["/db/password"]  # where its secrets are, not what they are
     (op,) = parsed[2]["patch"]
@@ -181,15 +184,15 @@ def test_an_announcement_never_holds_a_secret_value() -> None:
 
 def test_an_announcement_over_the_limit_is_the_bare_environment_id() -> None:
     (done,) = chain({"big": "x" * 5000})
-    assert announcement(done, 4096) == ENV.encode()
-    assert parse_announcement(ENV.encode()) is None
-    assert len(announcement(done, 65_536)) > 5000
+    assert announcement(done, 4096, KEYRING) == ENV.encode()
+    assert parse_announcement(ENV.encode(), KEYRING) is None
+    assert len(announcement(done, 65_536, KEYRING)) > 5000
 
 
 def test_a_change_json_encoders_refuse_is_announced_by_environment_id() -> None:
     first, second = chain({"k": False}, {"k": -(2**63) - 1})  # stored, but past 64 bits
-    assert announcement(second, 65_536) == ENV.encode()
-    assert parse_announcement(announcement(first, 65_536)) is not None
+    assert announcement(second, 65_536, KEYRING) == ENV.encode()
+    assert parse_announcement(announcement(first, 65_536, KEYRING), KEYRING) is not None
 
 
 # --- taking it, or falling back to the database -----------------------------------------------
@@ -198,10 +201,10 @@ def test_a_change_json_encoders_refuse_is_announced_by_environment_id() -> None:
 async def test_a_duplicate_announcement_is_taken_once(channels: list[Channel]) -> None:
     first, second = chain({"n": 1}, {"n": 2})
     channel, public, _ = new_channel(channels)
-    assert channel.take(announcement(first, 65_536))
-    assert channel.take(announcement(second, 65_536))
-    assert channel.take(announcement(second, 65_536))  # the echo of one's own commit
-    assert channel.take(announcement(first, 65_536))  # a late one
+    assert channel.take(announcement(first, 65_536, KEYRING))
+    assert channel.take(announcement(second, 65_536, KEYRING))
+    assert channel.take(announcement(second, 65_536, KEYRING))  # the echo of one's own commit
+    assert channel.take(announcement(first, 65_536, KEYRING))  # a late one
     assert [e.revision for e in queued(public)] == [1, 2]
 
 
@@ -210,14 +213,14 @@ async def test_a_revision_gap_is_not_skipped_but_left_to_the_database(
 ) -> None:
     first, second, third = chain({"n": 1}, {"n": 2}, {"n": 3})
     channel, public, _ = new_channel(channels)
-    assert channel.take(announcement(first, 65_536))
-    assert not channel.take(announcement(third, 65_536))  # 2 was never announced here
+    assert channel.take(announcement(first, 65_536, KEYRING))
+    assert not channel.take(announcement(third, 65_536, KEYRING))  # 2 was never announced here
     assert (channel.revision, [e.revision for e in queued(public)]) == (1, [1])
     # The database read (sync) applies 2 then 3; a late announcement of either is a no-op.
     assert channel.apply(second.version, second.state)
     assert channel.apply(third.version, third.state)
-    assert channel.take(announcement(second, 65_536))
-    assert channel.take(announcement(third, 65_536))
+    assert channel.take(announcement(second, 65_536, KEYRING))
+    assert channel.take(announcement(third, 65_536, KEYRING))
     assert [e.revision for e in queued(public)] == [2, 3]
 
 
@@ -227,16 +230,50 @@ async def test_an_announcement_that_does_not_continue_the_chain_is_refused(
     first, second = chain({"n": 1}, {"n": 2})
     (other_first,) = chain({"n": 1, "other": True})
     channel, public, _ = new_channel(channels)
-    assert channel.take(announcement(other_first, 65_536))
-    assert not channel.take(announcement(second, 65_536))  # previous hash differs
+    assert channel.take(announcement(other_first, 65_536, KEYRING))
+    assert not channel.take(announcement(second, 65_536, KEYRING))  # previous hash differs
     # A patch that does not yield the committed document (hash check) is refused too.
-    tampered = orjson.loads(announcement(first, 65_536).partition(b"\n")[2])
+    tampered = orjson.loads(announcement(first, 65_536, KEYRING).split(b"\n", 2)[2])
     tampered["patch"] = [{"op": "add", "path": "/n", "value": 99}]
     fresh, fresh_public, _ = new_channel(channels)
-    assert not fresh.take(b'{"v":1,"pointers":[]}\n' + orjson.dumps(tampered))
+    assert not fresh.take(_signed(b'{"v":1,"pointers":[]}\n' + orjson.dumps(tampered)))
     assert fresh.revision == 0
     assert not queued(fresh_public)
     assert [e.revision for e in queued(public)] == [1]
+
+
+def _signed(message: bytes, keyring: KeyRing = KEYRING) -> bytes:
+    return keyring.sign(message) + b"\n" + message
+
+
+async def test_an_announcement_not_signed_by_the_key_ring_is_refused(
+    channels: list[Channel],
+) -> None:
+    """Whoever can publish on Redis but holds no master key cannot push a change: a forged,
+    altered or unsigned announcement only makes the channel read the database."""
+    (first,) = chain({"n": 1})
+    genuine = announcement(first, 65_536, KEYRING)
+    signature, _, message = genuine.partition(b"\n")
+    other = KeyRing({"t1": bytes(32)}, "t1")  # same key id, another key
+    altered = message.replace(b'"value":1', b'"value":2')
+    assert altered != message
+    for forged in (
+        message,  # no signature line
+        _signed(message, other),
+        signature + b"\n" + altered,
+        b"nokey:" + signature.partition(b":")[2] + b"\n" + message,
+    ):
+        channel, public, _ = new_channel(channels)
+        assert not channel.take(forged)
+        assert channel.revision == 0
+        assert not queued(public)
+    channel, public, _ = new_channel(channels)
+    assert channel.take(genuine)
+    assert [e.revision for e in queued(public)] == [1]
+    # A key ring that also holds an older key still accepts what that key signed.
+    rotated = KeyRing({"t1": bytes(range(32)), "t2": bytes(range(1, 33))}, "t2")
+    assert rotated.verify(message, signature)
+    assert not rotated.verify(altered, signature)
 
 
 async def test_versions_with_secrets_are_read_from_the_database_for_a_secret_reader(
@@ -246,10 +283,10 @@ async def test_versions_with_secrets_are_read_from_the_database_for_a_secret_rea
     secret = committed(plain, {"n": 1, "pw": SECRET}, ["/pw"])
     after = committed(secret, {"n": 2, "pw": SECRET}, ["/pw"])
     channel, public, with_secrets = new_channel(channels)
-    assert channel.take(announcement(plain, 65_536))
-    assert not channel.take(announcement(secret, 65_536))  # the version holds a secret
+    assert channel.take(announcement(plain, 65_536, KEYRING))
+    assert not channel.take(announcement(secret, 65_536, KEYRING))  # the version holds a secret
     assert channel.apply(secret.version, secret.state)  # as the database read does
-    assert not channel.take(announcement(after, 65_536))  # the channel's state holds one
+    assert not channel.take(announcement(after, 65_536, KEYRING))  # the channel's state holds one
     assert channel.apply(after.version, after.state)
     assert [e.revision for e in queued(public)] == [1, 2, 3]
     full = [orjson.loads(e.json(True)) for e in queued(with_secrets)]
@@ -266,7 +303,7 @@ async def test_without_a_secret_reader_versions_with_secrets_are_taken_public_on
     channel.subscribers.discard(reader)
     channel.secret_readers = 0
     for done in (plain, secret, after):
-        assert channel.take(announcement(done, 65_536))
+        assert channel.take(announcement(done, 65_536, KEYRING))
     events = queued(public)
     assert [e.revision for e in events] == [1, 2, 3]
     assert [e.has_full for e in events] == [True, False, False]
@@ -315,7 +352,7 @@ def _committing_process(pubsub: Any) -> tuple[Any, Any]:
         announce_max_bytes=65_536, recent_versions=8, subscriber_queue=100, gc_freeze_from=0
     )
     platform = types.SimpleNamespace(
-        settings=types.SimpleNamespace(configs=settings), pubsub=pubsub, extras={}
+        settings=types.SimpleNamespace(configs=settings), pubsub=pubsub, extras={}, keyring=KEYRING
     )
     return platform, types.SimpleNamespace(info={})
 
@@ -338,7 +375,7 @@ async def test_the_local_fan_out_waits_for_the_publish_to_be_sent() -> None:
     for callback in session.info["after_commit"]:  # as the request's commit does
         callback()
     await asyncio.sleep(0.001)
-    assert pubsub.sent == [announcement(done, 65_536)]
+    assert pubsub.sent == [announcement(done, 65_536, KEYRING)]
     assert not queued(local)  # the PUBLISH has not been answered yet
     pubsub.release.set()
     await asyncio.sleep(0.001)
@@ -501,7 +538,8 @@ async def test_announced_versions_reach_another_process_once_in_order_without_se
         while len(raw) < 7 and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)
         assert not any(SECRET.encode() in message for message in raw)
-        announced = [parse_announcement(message) for message in raw]
+        keyring = app.state.platform.keyring
+        announced = [parse_announcement(message, keyring) for message in raw]
         assert [a[2]["revision"] if a else None for a in announced] == [1, 2, 4, None, 6, 7, 8]
         assert raw[3] == base.rsplit("/", 1)[1].encode()
         assert [a[0] if a else None for a in announced] == [[], [], [], None, *[["/pw"]] * 3]

@@ -38,6 +38,7 @@ from relayport.configs.repository import (
 )
 from relayport.configs.subscribers import SUBSCRIBERS, Event, Subscriber
 from relayport.configs.versions import Committed, State, meta_of, state_from
+from relayport.core.crypto import KeyRing
 from relayport.core.db import utcnow
 from relayport.core.deps import after_commit
 from relayport.core.platform import Platform
@@ -175,7 +176,7 @@ class Channel:
         re-checks the revision before each apply) and the local fast path cannot apply it
         twice or out of order.
         """
-        announced = parse_announcement(message)
+        announced = parse_announcement(message, self.hub.platform.keyring)
         if announced is None:
             return False
         pointers, payload, event = announced
@@ -440,7 +441,7 @@ def hub_of(platform: Platform) -> Hub:
     return hub
 
 
-def announcement(done: Committed, max_bytes: int) -> bytes:
+def announcement(done: Committed, max_bytes: int, keyring: KeyRing) -> bytes:
     """The pub/sub message announcing a committed version: a header line, then the public
     event (JSON: revision, hash, previous, meta and the JSON Patch of the stored form, where
     secrets are commitments), exactly the payload subscribers without secret access get.
@@ -448,6 +449,10 @@ def announcement(done: Committed, max_bytes: int) -> bytes:
     It never holds a secret value: the patch is computed between stored documents, in which
     every secret is replaced by its commitment. Over `max_bytes` the announcement is the bare
     environment id, and other processes read the version from the database.
+
+    A first line signs the rest with the key ring (`KeyRing.sign`): whoever can publish on
+    Redis without holding a master key cannot push a change to subscribers; an announcement
+    whose signature fails only makes the other processes read the database.
     """
     version = done.version
     event = {
@@ -465,13 +470,19 @@ def announcement(done: Committed, max_bytes: int) -> bytes:
         message = orjson.dumps(header) + b"\n" + orjson.dumps(event)
     except orjson.JSONEncodeError:  # e.g. an integer past 64 bits: let readers decide
         return bare
-    return message if len(message) <= max_bytes else bare
+    signed = keyring.sign(message) + b"\n" + message
+    return signed if len(signed) <= max_bytes else bare
 
 
-def parse_announcement(message: bytes) -> tuple[list[str], bytes, dict[str, Any]] | None:
+def parse_announcement(
+    message: bytes, keyring: KeyRing
+) -> tuple[list[str], bytes, dict[str, Any]] | None:
     """(the version's secret pointers, the public payload, the payload parsed), or None for a
-    bare announcement or one this process does not understand."""
-    head, newline, payload = message.partition(b"\n")
+    bare announcement, one whose signature fails, or one this process does not understand."""
+    signature, newline, signed = message.partition(b"\n")
+    if not newline or not keyring.verify(signed, signature):
+        return None
+    head, newline, payload = signed.partition(b"\n")
     if not newline:
         return None
     try:
@@ -502,7 +513,7 @@ def announce(platform: Platform, session: AsyncSession, done: Committed) -> None
     costs the local subscribers one Redis round trip; a Redis that does not answer within
     `PUBLISH_HEAD_START_S` does not hold them longer."""
     env_id = done.version.environment_id
-    message = announcement(done, platform.settings.configs.announce_max_bytes)
+    message = announcement(done, platform.settings.configs.announce_max_bytes, platform.keyring)
 
     def publish() -> None:
         hub = hub_of(platform)

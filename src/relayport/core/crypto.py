@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import hmac
 import json
 import logging
 import os
@@ -26,7 +28,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 if TYPE_CHECKING:
     from relayport.settings import Settings
@@ -69,6 +73,10 @@ def _b64d(text: str) -> bytes:
     return raw
 
 
+def _derive(key: bytes, purpose: bytes) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=purpose).derive(key)
+
+
 def _decode_master_key(kid: str, value: str) -> bytes:
     """Standard or urlsafe base64, padding optional; errors name the kid, never the key."""
     text = "".join(value.split()).replace("-", "+").replace("_", "/")
@@ -86,7 +94,7 @@ def _decode_master_key(kid: str, value: str) -> bytes:
 class KeyRing:
     """Master keys by id; seals with the active one, opens with any of them."""
 
-    __slots__ = ("_active", "_keks")
+    __slots__ = ("_active", "_keks", "_macs")
 
     def __init__(self, keys: Mapping[str, bytes], active_kid: str) -> None:
         if not keys:
@@ -99,6 +107,12 @@ class KeyRing:
         if active_kid not in keys:
             raise ValueError(f"active crypto key id {active_kid!r} names no key in the ring")
         self._keks = {kid: AESGCM(bytes(key)) for kid, key in keys.items()}
+        # Keys of their own for authenticating messages between instances (HKDF, so a MAC
+        # key reveals nothing of the master key that seals data keys).
+        self._macs = {
+            kid: _derive(bytes(key), b"relayport message authentication v1")
+            for kid, key in keys.items()
+        }
         self._active = active_kid
 
     def __repr__(self) -> str:
@@ -137,6 +151,22 @@ class KeyRing:
             return self.decrypt(token, aad).decode("utf-8")
         except UnicodeDecodeError:
             raise DecryptionError("plaintext is not UTF-8") from None
+
+    def sign(self, message: bytes) -> bytes:
+        """`<kid>:<b64url HMAC-SHA256>` of `message` under the active key, for messages that
+        instances send each other through a shared service (Redis pub/sub): a party that can
+        publish there but holds no master key cannot make one `verify` accepts."""
+        tag = hmac.new(self._macs[self._active], message, hashlib.sha256).digest()
+        return f"{self._active}:{_b64e(tag)}".encode()
+
+    def verify(self, message: bytes, signature: bytes) -> bool:
+        """Whether `signature` (from `sign`, under any key in the ring) is `message`'s."""
+        kid, colon, tag = signature.partition(b":")
+        key = self._macs.get(kid.decode("ascii", "replace")) if colon else None
+        if key is None:
+            return False
+        expected = _b64e(hmac.new(key, message, hashlib.sha256).digest()).encode()
+        return hmac.compare_digest(expected, tag)
 
     def needs_rewrap(self, token: str) -> bool:
         return self._parse(token)[0] != self._active
