@@ -227,6 +227,58 @@ def _fifo_free() -> Any:
     return _FIFO_FREE
 
 
+def _claim_statement(
+    now: dt.datetime,
+    lease_until: dt.datetime,
+    message_ids: Sequence[str],
+    delivery_ids: Sequence[str],
+) -> Any:
+    return (
+        update(_table)
+        .where(
+            _d.status.in_(("pending", "retrying")),
+            _d.next_attempt_at <= now,
+            _fifo_free(),
+            or_(_d.message_id.in_(list(message_ids)), _d.id.in_(list(delivery_ids))),
+        )
+        .values(
+            status="sending",
+            attempts=_d.attempts + 1,
+            locked_until=lease_until,
+            next_attempt_at=lease_until,
+            updated_at=now,
+        )
+        .returning(_d.id, _d.endpoint_id, _d.message_id, _d.attempts)
+    )
+
+
+async def claim_and_load(
+    session: AsyncSession,
+    *,
+    now: dt.datetime,
+    lease_until: dt.datetime,
+    message_ids: Sequence[str] = (),
+    delivery_ids: Sequence[str] = (),
+    announced: Sequence[str] = (),
+) -> list[tuple[str, str, str, int, Message, Endpoint]]:
+    """PostgreSQL: `claim` and `load_for_send` in one statement (data-modifying CTEs), so a
+    claim costs one round trip and needs no transaction around it: run on an autocommit
+    connection, it commits by itself. (delivery id, endpoint id, message id, attempt,
+    message, endpoint) per claimed delivery."""
+    claimed = _claim_statement(now, lease_until, message_ids, delivery_ids).cte("claimed")
+    stmt = (
+        select(claimed.c.id, claimed.c.endpoint_id, claimed.c.message_id, claimed.c.attempts)
+        .add_columns(Message, Endpoint)
+        .select_from(claimed)
+        .join(Message, Message.id == claimed.c.message_id)
+        .join(Endpoint, Endpoint.id == claimed.c.endpoint_id)
+    )
+    if announced:
+        stmt = stmt.add_cte(_mark_announced(announced, now).returning(_outbox.c.id).cte("marked"))
+    rows = (await session.execute(stmt)).all()
+    return [(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows]
+
+
 async def claim(
     session: AsyncSession,
     *,
@@ -243,26 +295,13 @@ async def claim(
     are the outbox rows of the broker messages that named them, marked sent in the same
     statement on PostgreSQL (a data-modifying CTE), just before it on SQLite.
     """
-    stmt = update(_table).where(
-        _d.status.in_(("pending", "retrying")),
-        _d.next_attempt_at <= now,
-        _fifo_free(),
-        or_(_d.message_id.in_(list(message_ids)), _d.id.in_(list(delivery_ids))),
-    )
+    stmt = _claim_statement(now, lease_until, message_ids, delivery_ids)
     conn = await session.connection()
     if announced and conn.dialect.name == "postgresql":
         stmt = stmt.add_cte(_mark_announced(announced, now).returning(_outbox.c.id).cte("marked"))
     elif announced:
         await conn.execute(_mark_announced(announced, now))
-    result = await conn.execute(
-        stmt.values(
-            status="sending",
-            attempts=_d.attempts + 1,
-            locked_until=lease_until,
-            next_attempt_at=lease_until,
-            updated_at=now,
-        ).returning(_d.id, _d.endpoint_id, _d.message_id, _d.attempts)
-    )
+    result = await conn.execute(stmt)
     return [(r[0], r[1], r[2], r[3]) for r in result.all()]
 
 
