@@ -30,6 +30,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import secrets
 import subprocess
 import sys
@@ -105,7 +106,7 @@ async def relayport(profile: str, args: Any, tmp: Path) -> AsyncIterator[Server]
             if profile != "embedded":
                 env["RELAYPORT_BROKER_URL"] = stack.enter_context(rabbit_vhost(args.amqp_url))
             if args.trace:
-                env["BENCH_TRACE_DIR"] = str(Path(args.trace).resolve())
+                env["BENCH_TRACE_DIR"] = args.trace  # made absolute by main()
             factory = "bench.delivery_trace:traced_app" if args.trace else None
             app = start(
                 factory or "bench.http_overhead:relayport_app", _clean_env(env), tmp / "api.log"
@@ -374,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--amqp-url", default="amqp://guest:guest@127.0.0.1:5672")
     args = parser.parse_args(argv)
+    if args.trace:
+        args.trace = os.path.abspath(args.trace)
     try:
         return asyncio.run(main_async(args))
     except BenchError as exc:

@@ -14,6 +14,7 @@ commit), `commit` (its transaction committed), `published` (the direct publish r
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -22,6 +23,7 @@ import threading
 import time
 from collections.abc import Sequence
 from typing import Any
+
 
 class _Events:
     """Appends to DIR/<pid>.jsonl; a thread flushes it twice a second (uvicorn's exit does
@@ -209,9 +211,7 @@ def summary(directory: str) -> None:
                 continue
             since_post = [(r[stage] - r["post"]) * 1000 for r in have]
             step = (
-                [(r[stage] - r[previous]) * 1000 for r in have if previous in r]
-                if previous
-                else []
+                [(r[stage] - r[previous]) * 1000 for r in have if previous in r] if previous else []
             )
             print(
                 f"  {stage:12} | {len(have):4} | {_pct(since_post, 0.5):8.1f} "
@@ -257,7 +257,5 @@ elif __name__ == "__main__":
     from relayport.cli import app
 
     sys.argv = ["relayport", *sys.argv[1:]]
-    try:
+    with contextlib.suppress(SystemExit):
         app()
-    except SystemExit:
-        pass

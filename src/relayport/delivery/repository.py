@@ -159,6 +159,23 @@ def _mark_announced(outbox_ids: Sequence[str], now: dt.datetime) -> Any:
     )
 
 
+async def mark_announced(
+    session: AsyncSession, outbox_ids: Sequence[str], now: dt.datetime
+) -> None:
+    """Mark the outbox rows of messages whose deliveries were claimed at storing as sent."""
+    if outbox_ids:
+        conn = await session.connection()
+        await conn.execute(_mark_announced(outbox_ids, now))
+
+
+async def endpoints_by_ids(session: AsyncSession, endpoint_ids: Sequence[str]) -> list[Endpoint]:
+    """Endpoints by id (the worker's reads act on ids it already holds)."""
+    if not endpoint_ids:
+        return []
+    stmt = select(Endpoint).where(Endpoint.id.in_(sorted(set(endpoint_ids))))
+    return list((await session.execute(stmt)).scalars())
+
+
 async def insert_attempts(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> None:
     """Attempt rows, in one executemany."""
     if rows:

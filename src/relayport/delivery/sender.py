@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from relayport.core import gcpolicy
 from relayport.core.crypto import DecryptionError
 from relayport.core.db import utcnow
 from relayport.core.groupcommit import GroupCommit, sqlite_write_lock
@@ -34,6 +35,8 @@ MAX_BATCH = 256
 BATCH_CONCURRENCY = 2  # PostgreSQL: claim (and outcome) batches written at once per process
 _CLAIMS_KEY = "delivery.claims"
 _OUTCOMES_KEY = "delivery.outcomes"
+_HANDOFF_KEY = "delivery.handoffs"
+MAX_HANDOFFS = 64  # messages sent by their storing process at once (see `can_hand_off`)
 
 
 @dataclass(slots=True)
@@ -46,6 +49,9 @@ class Job:
     attempt: int
     schedules: TenantSchedules
     lease_until: dt.datetime
+    # The outbox row to mark sent with the outcome: set when the delivery was claimed at
+    # storing (see `hand_off`), where no claim marked it.
+    announcement: str | None = None
 
     async def schedule(self, platform: Platform) -> Sequence[float]:
         """The endpoint's own retry schedule, else its tenant's, else the platform's."""
@@ -91,6 +97,7 @@ class Outcome:
     results: list[PostResult] = field(default_factory=list)
     probe: bool = False
     gone: bool = False
+    announcement: str | None = None
 
     @property
     def endpoint_id(self) -> str:
@@ -226,6 +233,13 @@ async def send_ref(platform: Platform, ref: str, announcement: str | None = None
     broker message's id: the outbox row that announced the ref.
     """
     jobs = await _claims(platform).submit((ref, announcement))
+    return await send_jobs(platform, jobs)
+
+
+async def send_jobs(platform: Platform, jobs: Sequence[Job]) -> int:
+    """Send claimed deliveries and record their outcomes (in waves, grouped with the other
+    outcomes being recorded at the same moment); returns how many were attempted or
+    deferred."""
     if not jobs:
         return 0
     now = utcnow()
@@ -289,7 +303,16 @@ async def _deliver(
 
     def wait(until: dt.datetime, why: str) -> Outcome:
         return Outcome(
-            delivery_id, endpoint, message, attempt, "retrying", until, lease, why, attempt_delta=-1
+            delivery_id,
+            endpoint,
+            message,
+            attempt,
+            "retrying",
+            until,
+            lease,
+            why,
+            attempt_delta=-1,
+            announcement=job.announcement,
         )
 
     if not endpoint.enabled:
@@ -303,6 +326,7 @@ async def _deliver(
             lease,
             f"endpoint disabled ({endpoint.disabled_reason})",
             attempt_delta=-1,
+            announcement=job.announcement,
         )
     gate = gates.get(endpoint.id)
     probe = False
@@ -333,7 +357,17 @@ async def _deliver(
             hmac_keys, message.id, int(time.time()), message.body, ed25519_seeds=seeds
         ),
     }
-    outcome = Outcome(delivery_id, endpoint, message, attempt, "succeeded", now, lease, probe=probe)
+    outcome = Outcome(
+        delivery_id,
+        endpoint,
+        message,
+        attempt,
+        "succeeded",
+        now,
+        lease,
+        probe=probe,
+        announcement=job.announcement,
+    )
     urls = transport.urls(endpoint.id, [endpoint.url, *endpoint.fallback_urls], endpoint.routing)
     for url in urls:
         result = await transport.post(url, message.body, headers)
@@ -361,6 +395,88 @@ async def _deliver(
     outcome.status = "retrying"
     outcome.next_at = done + dt.timedelta(seconds=delay)
     return outcome
+
+
+# --- hand-off: a process that stores messages and also sends them (the embedded default) ----
+
+
+def _handoffs(platform: Platform) -> set[asyncio.Task[int]]:
+    tasks: set[asyncio.Task[int]] = platform.extras.setdefault(_HANDOFF_KEY, set())
+    return tasks
+
+
+def can_hand_off(platform: Platform) -> bool:
+    """Whether this process may store new messages' deliveries already claimed by itself and
+    send them without a broker message: only where it runs the delivery worker itself (an
+    in-process broker, `Settings.embedded`), and while fewer than `MAX_HANDOFFS` messages it
+    took so are still being sent (as the broker consumer's prefetch bounds the others), so
+    a slow endpoint cannot pile up leases that run out while waiting for a sending slot."""
+    return platform.settings.embedded and len(_handoffs(platform)) < MAX_HANDOFFS
+
+
+async def handoff_jobs(
+    platform: Platform, session: AsyncSession, stored: Sequence[Any]
+) -> dict[str, list[Job]]:
+    """In the storing transaction: the jobs of messages whose deliveries were stored claimed
+    (`messages.Accepted` with `claimed_until`), by message id. Reads their endpoints."""
+    claimed = [a for a in stored if a.claimed_until is not None and a.deliveries]
+    if not claimed:
+        return {}
+    endpoint_ids = {d["endpoint_id"] for a in claimed for d in a.deliveries}
+    endpoints = {e.id: e for e in await repository.endpoints_by_ids(session, list(endpoint_ids))}
+    schedules = TenantSchedules(platform, {a.message.tenant_id for a in claimed})
+    return {
+        a.message.id: [
+            Job(
+                d["id"],
+                endpoints[d["endpoint_id"]],
+                a.message,
+                1,
+                schedules,
+                a.claimed_until,
+                a.announcement,
+            )
+            for d in a.deliveries
+        ]
+        for a in claimed
+    }
+
+
+def hand_off(platform: Platform, jobs: Sequence[Job]) -> None:
+    """Send jobs claimed at storing, in the background (call once their claim committed)."""
+    if platform.settings.gc_freeze:
+        gcpolicy.freeze_once("delivery")
+    tasks = _handoffs(platform)
+    task = asyncio.get_running_loop().create_task(send_jobs(platform, jobs))
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
+    task.add_done_callback(_handed_off)
+
+
+def _handed_off(task: asyncio.Task[int]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        # Left `sending`: the scheduler sends them again once their leases expire.
+        log.error(
+            "handed-off deliveries failed",
+            exc_info=task.exception(),
+            extra={"event": "delivery.handoff_error"},
+        )
+
+
+async def drain(platform: Platform, timeout_s: float) -> None:
+    """Let the deliveries handed off in this process finish, up to `timeout_s` (the worker is
+    stopping); those cut off are sent again once their leases expire."""
+    tasks = _handoffs(platform)
+    while tasks:
+        pending = list(tasks)
+        done, late = await asyncio.wait(pending, timeout=timeout_s)
+        tasks.difference_update(done)
+        if late:
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+            tasks.difference_update(late)
+            break
 
 
 def forget(platform: Platform) -> None:

@@ -62,5 +62,6 @@ async def tick(platform: Platform) -> None:
 
 
 async def close(platform: Platform) -> None:
+    await sender.drain(platform, platform.settings.shutdown_timeout_s)
     sender.forget(platform)
     await close_transport(platform)
