@@ -31,6 +31,7 @@ log = logging.getLogger("relayport.delivery")
 
 Status = Literal["succeeded", "retrying", "dead"]
 FINISH_WAVE_S = 0.25
+OUTCOME_WAIT_S = 0.025  # how long an outcome waits for others to share its transaction
 MAX_BATCH = 256
 BATCH_CONCURRENCY = 2  # PostgreSQL: claim (and outcome) batches written at once per process
 _CLAIMS_KEY = "delivery.claims"
@@ -159,13 +160,18 @@ def _outcomes(platform: Platform) -> GroupCommit[Outcome, bool]:
             queued = await health.record(platform, transport_of(platform), session, outcomes)
             return [queued] * len(outcomes)
 
-        found = platform.extras[_OUTCOMES_KEY] = _committer(platform, write, "delivery.outcomes")
+        # Outcomes are off the path to the receiver: they wait a little to share a
+        # transaction, leaving the write lock (SQLite) and the worker's CPU to claims and
+        # new messages, which are on it.
+        found = platform.extras[_OUTCOMES_KEY] = _committer(
+            platform, write, "delivery.outcomes", max_wait_s=OUTCOME_WAIT_S
+        )
     assert isinstance(found, GroupCommit)
     return found
 
 
 def _committer(
-    platform: Platform, write: Any, name: str, *, run: Any = None
+    platform: Platform, write: Any, name: str, *, run: Any = None, max_wait_s: float = 0
 ) -> GroupCommit[Any, Any]:
     return GroupCommit(
         platform.db,
@@ -173,7 +179,8 @@ def _committer(
         run=run,
         name=name,
         max_items=MAX_BATCH,
-        max_wait_s=0,  # batches form while the previous one is being written
+        # 0: batches form while the previous one is being written
+        max_wait_s=max_wait_s,
         concurrency=1 if platform.db.dialect == "sqlite" else BATCH_CONCURRENCY,
         lock=sqlite_write_lock(platform),
     )
