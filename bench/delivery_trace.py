@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 
@@ -83,7 +84,7 @@ def install() -> None:
         _mark("accepted", result.message.id)
         return result
 
-    intake.accept = traced_accept  # type: ignore[assignment]
+    intake.accept = traced_accept
 
     publish_soon = intake.publish_soon
 
@@ -94,7 +95,7 @@ def install() -> None:
                 _mark("commit", r.message.id, now)
         publish_soon(platform, results)
 
-    intake.publish_soon = traced_publish_soon  # type: ignore[assignment]
+    intake.publish_soon = traced_publish_soon
 
     publish = intake._publish
 
@@ -104,7 +105,7 @@ def install() -> None:
         for message_id, _ in refs:
             _mark("published", message_id, now)
 
-    intake._publish = traced_publish  # type: ignore[assignment]
+    intake._publish = traced_publish
 
     send_ref = sender.send_ref
 
@@ -112,7 +113,7 @@ def install() -> None:
         _mark("received", ref)
         return await send_ref(platform, ref, announcement)
 
-    sender.send_ref = traced_send_ref  # type: ignore[assignment]
+    sender.send_ref = traced_send_ref
 
     claim_batch = sender.claim_batch
 
@@ -168,27 +169,88 @@ STAGES = [
 ]  # fmt: skip
 
 
-def _pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
+def _pct(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+Batch = tuple[str, int, float, float, str]  # name, size, started, ended, pid
+Pause = tuple[int, float, float, str]  # generation, seconds, at, pid
+
+
+def _load(directory: Path) -> tuple[dict[str, dict[str, float]], list[Batch], list[Pause]]:
+    stages: dict[str, dict[str, float]] = {}
+    batches: list[Batch] = []
+    pauses: list[Pause] = []
+    for path in directory.glob("*.jsonl"):
+        with path.open() as lines:
+            for line in lines:
+                event: list[Any] = json.loads(line)
+                if event[0] == "s":
+                    stages.setdefault(str(event[2]), {}).setdefault(str(event[1]), event[3])
+                elif event[0] == "batch":
+                    batches.append((event[1], event[2], event[3], event[4], path.stem))
+                else:
+                    pauses.append((event[1], event[2], event[3], path.stem))
+    return stages, batches, pauses
+
+
+def _stage_table(rows: dict[str, dict[str, float]]) -> None:
+    print("  stage        | n    | after post p50/p99 ms | after previous p50/p99 ms")
+    previous: str | None = None
+    for stage in STAGES:
+        have = [r for r in rows.values() if stage in r]
+        if not have:
+            continue
+        since_post = [(r[stage] - r["post"]) * 1000 for r in have]
+        step: list[float] = []
+        if previous is not None:
+            step = [(r[stage] - r[previous]) * 1000 for r in have if previous in r]
+        print(
+            f"  {stage:12} | {len(have):4} | {_pct(since_post, 0.5):8.1f} "
+            f"{_pct(since_post, 0.99):8.1f} | {_pct(step, 0.5):8.1f} {_pct(step, 0.99):8.1f}"
+        )
+        previous = stage
+    worst = sorted(rows.values(), key=lambda r: r.get("arrival", 0) - r["post"])[-5:]
+    for r in worst:
+        marks = " ".join(f"{s}+{(r[s] - r['post']) * 1000:.0f}" for s in STAGES if s in r)
+        print(f"  slow: {marks}")
+
+
+def _batch_table(batches: list[Batch], begin: float, end: float) -> None:
+    by_name: dict[tuple[str, str], list[tuple[int, float]]] = {}
+    for name, size, started, ended, pid in batches:
+        if begin <= started <= end:
+            by_name.setdefault((name, pid), []).append((size, (ended - started) * 1000))
+    for (name, pid), found in sorted(by_name.items()):
+        sizes = [float(size) for size, _ in found]
+        took = [ms for _, ms in found]
+        print(
+            f"  batches {name} (pid {pid}): {len(found)}, size p50 {_pct(sizes, 0.5):.0f} "
+            f"max {max(sizes):.0f}, ms p50 {_pct(took, 0.5):.1f} p99 {_pct(took, 0.99):.1f} "
+            f"max {max(took):.1f}"
+        )
+
+
+def _gc_table(pauses: list[Pause], begin: float, end: float) -> None:
+    by_pid: dict[str, list[tuple[int, float]]] = {}
+    for generation, seconds, at, pid in pauses:
+        if begin <= at <= end:
+            by_pid.setdefault(pid, []).append((generation, seconds * 1000))
+    for pid, found in sorted(by_pid.items()):
+        longest = max(found, key=lambda g: g[1])
+        total = sum(ms for _, ms in found)
+        full = sum(1 for g, _ in found if g == 2)
+        print(
+            f"  gc (pid {pid}): {len(found)} collections, {total:.0f} ms in all, longest "
+            f"{longest[1]:.1f} ms (generation {longest[0]}), gen2: {full}"
+        )
 
 
 def summary(directory: str) -> None:
-    """Per profile: the latency row's stage times after `post`, and between stages."""
-    from pathlib import Path
-
-    stages: dict[str, dict[str, float]] = {}
-    batches: list[tuple[str, int, float, float, str]] = []
-    pauses: list[tuple[int, float, float, str]] = []
-    for path in Path(directory).glob("*.jsonl"):
-        for line in path.open():
-            event = json.loads(line)
-            if event[0] == "s":
-                stages.setdefault(event[2], {}).setdefault(event[1], event[3])
-            elif event[0] == "batch":
-                batches.append((event[1], event[2], event[3], event[4], path.stem))
-            else:
-                pauses.append((event[1], event[2], event[3], path.stem))
+    """Per profile: the latency row's stage times after `post`, and between stages; the
+    group-commit batches and GC pauses of each process during the row."""
+    stages, batches, pauses = _load(Path(directory))
     for bench in sorted(Path(directory).glob("bench-*.json")):
         note = json.loads(bench.read_text())
         rows: dict[str, dict[str, float]] = {}
@@ -203,51 +265,9 @@ def summary(directory: str) -> None:
         begin = min(note["sent"].values())
         end = max(at for _, at in note["arrivals"])
         print(f"{bench.stem}: {len(rows)} messages, {end - begin:.1f} s")
-        print("  stage        | n    | after post p50/p99 ms | after previous p50/p99 ms")
-        previous = None
-        for stage in STAGES:
-            have = [r for r in rows.values() if stage in r]
-            if not have:
-                continue
-            since_post = [(r[stage] - r["post"]) * 1000 for r in have]
-            step = (
-                [(r[stage] - r[previous]) * 1000 for r in have if previous in r] if previous else []
-            )
-            print(
-                f"  {stage:12} | {len(have):4} | {_pct(since_post, 0.5):8.1f} "
-                f"{_pct(since_post, 0.99):8.1f} | {_pct(step, 0.5):8.1f} {_pct(step, 0.99):8.1f}"
-            )
-            previous = stage
-        worst = sorted(rows.values(), key=lambda r: r.get("arrival", 0) - r["post"])[-5:]
-        for r in worst:
-            print(
-                "  slow: "
-                + " ".join(f"{s}+{(r[s] - r['post']) * 1000:.0f}" for s in STAGES if s in r)
-            )
-        by_name: dict[tuple[str, str], list[tuple[int, float]]] = {}
-        for name, size, started, ended, pid in batches:
-            if begin <= started <= end:
-                by_name.setdefault((name, pid), []).append((size, (ended - started) * 1000))
-        for (name, pid), found in sorted(by_name.items()):
-            sizes = [s for s, _ in found]
-            took = [t for _, t in found]
-            print(
-                f"  batches {name} (pid {pid}): {len(found)}, size p50 {_pct(sizes, 0.5)} "
-                f"max {max(sizes)}, ms p50 {_pct(took, 0.5):.1f} p99 {_pct(took, 0.99):.1f} "
-                f"max {max(took):.1f}"
-            )
-        by_pid: dict[str, list[tuple[int, float]]] = {}
-        for generation, took, at, pid in pauses:
-            if begin <= at <= end:
-                by_pid.setdefault(pid, []).append((generation, took * 1000))
-        for pid, found in sorted(by_pid.items()):
-            longest = max(found, key=lambda g: g[1])
-            total = sum(t for _, t in found)
-            print(
-                f"  gc (pid {pid}): {len(found)} collections, {total:.0f} ms in all, longest "
-                f"{longest[1]:.1f} ms (generation {longest[0]}), "
-                f"gen2: {sum(1 for g, _ in found if g == 2)}"
-            )
+        _stage_table(rows)
+        _batch_table(batches, begin, end)
+        _gc_table(pauses, begin, end)
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["summary"]:
