@@ -456,32 +456,35 @@ async def load_for_send(
     return messages, endpoints
 
 
+# Built once: its cache key and compiled form are reused by every outcome batch.
+_FINISH = (
+    update(_table)
+    .where(
+        _d.id == bindparam("b_id"),
+        _d.status == "sending",
+        _d.attempts == bindparam("b_attempt"),
+        # The lease is the claim's token: a worker that overran its lease and lost the
+        # delivery to another must not overwrite that one's attempt.
+        _d.locked_until == bindparam("b_lease"),
+    )
+    .values(
+        status=bindparam("b_status"),
+        attempts=_d.attempts + bindparam("b_attempt_delta"),
+        next_attempt_at=bindparam("b_next"),
+        locked_until=None,
+        last_error=bindparam("b_error"),
+        updated_at=bindparam("b_now"),
+        finished_at=bindparam("b_finished"),
+    )
+)
+
+
 async def finish(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> None:
     """Record attempt outcomes (one executemany), unless the delivery moved on without us."""
     if not rows:
         return
-    stmt = (
-        update(_table)
-        .where(
-            _d.id == bindparam("b_id"),
-            _d.status == "sending",
-            _d.attempts == bindparam("b_attempt"),
-            # The lease is the claim's token: a worker that overran its lease and lost the
-            # delivery to another must not overwrite that one's attempt.
-            _d.locked_until == bindparam("b_lease"),
-        )
-        .values(
-            status=bindparam("b_status"),
-            attempts=_d.attempts + bindparam("b_attempt_delta"),
-            next_attempt_at=bindparam("b_next"),
-            locked_until=None,
-            last_error=bindparam("b_error"),
-            updated_at=bindparam("b_now"),
-            finished_at=bindparam("b_finished"),
-        )
-    )
     conn = await session.connection()
-    await conn.execute(stmt, list(rows))
+    await conn.execute(_FINISH, list(rows))
 
 
 async def next_fifo(session: AsyncSession, endpoint_ids: Sequence[str]) -> list[tuple[str, str]]:
