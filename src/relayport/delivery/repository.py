@@ -87,14 +87,21 @@ async def insert_messages(session: AsyncSession, rows: Sequence[dict[str, Any]])
     exactly one inserts."""
     if not rows:
         return set()
-    stmt = (
-        _insert(session)(_messages)
-        .values(list(rows))
-        .on_conflict_do_nothing(index_elements=["tenant_id", "idempotency_key"])
-        .returning(_messages.c.id)
-    )
     conn = await session.connection()
-    return set((await conn.execute(stmt)).scalars())
+    stmt = _INSERT_MESSAGES.get(conn.dialect.name)
+    if stmt is None:
+        # Built once per dialect and run as an executemany, which SQLAlchemy sends as one
+        # multi-row INSERT ("insertmanyvalues"): `.values(rows)` made a statement without a
+        # cache key, compiled again for every batch.
+        stmt = _INSERT_MESSAGES[conn.dialect.name] = (
+            _insert(session)(_messages)
+            .on_conflict_do_nothing(index_elements=["tenant_id", "idempotency_key"])
+            .returning(_messages.c.id)
+        )
+    return set((await conn.execute(stmt, list(rows))).scalars())
+
+
+_INSERT_MESSAGES: dict[str, Any] = {}
 
 
 async def messages_by_keys(
