@@ -5,6 +5,7 @@ receiver, against the same number of signed POSTs sent straight with aiohttp.
         [--latency-s 5] [--profiles embedded,postgres] [--concurrency 32]
         [--pg-url postgresql://postgres@127.0.0.1:5432/postgres]
         [--redis-url redis://127.0.0.1:6379/0] [--amqp-url amqp://guest:guest@127.0.0.1:5672]
+        [--trace DIR]  (stage timestamps per message: see bench/delivery_trace.py)
 
 Processes, all on 127.0.0.1 and started and stopped by this script: one receiver (uvicorn,
 uvloop + httptools, a bare ASGI app answering 204 that notes each webhook-id and its arrival
