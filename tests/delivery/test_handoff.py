@@ -12,7 +12,7 @@ from sqlalchemy import select
 
 from relayport.core.outbox import OutboxMessage
 from relayport.core.platform import Platform
-from relayport.delivery import sender
+from relayport.delivery import handoff
 from relayport.delivery.models import Delivery
 from tests.conftest import Account
 from tests.delivery.conftest import (
@@ -80,7 +80,7 @@ async def test_a_handed_off_delivery_whose_sender_died_is_sent_again(
 ) -> None:
     dropped: list[Any] = []
     # The process "dies" between the commit and the send: nothing sends the claimed jobs.
-    monkeypatch.setattr(sender, "hand_off", lambda _platform, jobs: dropped.extend(jobs))
+    monkeypatch.setattr(handoff, "hand_off", lambda _platform, jobs: dropped.extend(jobs))
     await create_endpoint(client, account, receiver.url("/ok"))
     message = await send_message(client, account)
     assert len(dropped) == 1
@@ -104,7 +104,7 @@ async def test_hand_offs_are_bounded_and_the_rest_go_through_the_broker(
     worker: None,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(sender, "MAX_HANDOFFS", 1)
+    monkeypatch.setattr(handoff, "MAX_HANDOFFS", 1)
     await create_endpoint(client, account, receiver.url("/hang"))
     first = await send_message(client, account)  # handed off; its send hangs
     assert first["deliveries"][0]["status"] == "sending"

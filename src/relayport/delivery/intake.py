@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from relayport.core.db import utcnow
 from relayport.core.groupcommit import GroupCommit, sqlite_write_lock
 from relayport.core.platform import Platform
-from relayport.delivery import sender
+from relayport.delivery import handoff
 from relayport.delivery.catalog import catalog_of
 from relayport.delivery.messages import QUEUE, Accepted, NewMessage, store_messages
 
@@ -45,7 +45,7 @@ def writer(platform: Platform) -> GroupCommit[NewMessage, Accepted]:
 
         async def write(session: AsyncSession, items: Sequence[NewMessage]) -> list[Any]:
             claim_until = None
-            if sender.can_hand_off(platform):
+            if handoff.can_hand_off(platform):
                 lease = dt.timedelta(seconds=platform.settings.delivery.lease_s)
                 claim_until = utcnow() + lease
             results = await store_messages(
@@ -58,7 +58,7 @@ def writer(platform: Platform) -> GroupCommit[NewMessage, Accepted]:
             )
             if claim_until is None:
                 return results
-            jobs = await sender.handoff_jobs(
+            jobs = await handoff.handoff_jobs(
                 platform, session, [r for r in results if isinstance(r, Accepted)]
             )
             return [
@@ -94,7 +94,7 @@ def publish_soon(platform: Platform, results: Sequence[Accepted | Exception]) ->
         if not isinstance(r, Accepted) or not r.created or r.announcement is None:
             continue
         if r.jobs:
-            sender.hand_off(platform, r.jobs)  # claimed at storing: this process sends them
+            handoff.hand_off(platform, r.jobs)  # claimed at storing: this process sends them
         else:
             refs.append((r.message.id, r.announcement))
     if not refs:

@@ -10,7 +10,7 @@ from relayport.core import gcpolicy
 from relayport.core.broker import Message
 from relayport.core.db import utcnow
 from relayport.core.platform import Platform
-from relayport.delivery import health, messages, repository, sender
+from relayport.delivery import handoff, health, messages, repository, sender
 from relayport.delivery.messages import QUEUE
 from relayport.delivery.transport import close_transport
 
@@ -62,6 +62,6 @@ async def tick(platform: Platform) -> None:
 
 
 async def close(platform: Platform) -> None:
-    await sender.drain(platform, platform.settings.shutdown_timeout_s)
+    await handoff.drain(platform, platform.settings.shutdown_timeout_s)
     sender.forget(platform)
     await close_transport(platform)
