@@ -332,6 +332,7 @@ def _row(profile: str, case: str, r: dict[str, Any], base: dict[str, Any] | None
 
 
 async def main_async(args: Any) -> int:
+    info = machine_info()  # its load average is the one at the start of the run
     with tempfile.TemporaryDirectory(prefix="bench-delivery-") as name:
         tmp = Path(name)
         receiver = start("bench.delivery:receiver_app", _clean_env(), tmp / "receiver.log")
@@ -344,7 +345,7 @@ async def main_async(args: Any) -> int:
         finally:
             stop_server(receiver)
     print()
-    for line in machine_info():
+    for line in info:
         print(line)
     header = [
         "profile", "case", "delivered", "deliveries/s", "e2e p50 ms", "e2e p99 ms",
