@@ -5,6 +5,7 @@ receiver, against the same number of signed POSTs sent straight with aiohttp.
         [--latency-s 5] [--profiles embedded,postgres] [--concurrency 32]
         [--pg-url postgresql://postgres@127.0.0.1:5432/postgres]
         [--redis-url redis://127.0.0.1:6379/0] [--amqp-url amqp://guest:guest@127.0.0.1:5672]
+        [--trace DIR]  (stage timestamps per message: see bench/delivery_trace.py)
 
 Processes, all on 127.0.0.1 and started and stopped by this script: one receiver (uvicorn,
 uvloop + httptools, a bare ASGI app answering 204 that notes each webhook-id and its arrival
@@ -30,6 +31,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import secrets
 import subprocess
 import sys
@@ -104,14 +106,20 @@ async def relayport(profile: str, args: Any, tmp: Path) -> AsyncIterator[Server]
         with contextlib.ExitStack() as stack:
             if profile != "embedded":
                 env["RELAYPORT_BROKER_URL"] = stack.enter_context(rabbit_vhost(args.amqp_url))
-            app = start("bench.http_overhead:relayport_app", _clean_env(env), tmp / "api.log")
+            if args.trace:
+                env["BENCH_TRACE_DIR"] = args.trace  # made absolute by main()
+            factory = "bench.delivery_trace:traced_app" if args.trace else None
+            app = start(
+                factory or "bench.http_overhead:relayport_app", _clean_env(env), tmp / "api.log"
+            )
             worker = None
             try:
                 await wait_ready(app, "/healthz")
                 if profile != "embedded":
                     log = (tmp / "worker.log").open("wb")
+                    module = "bench.delivery_trace" if args.trace else "relayport"
                     worker = subprocess.Popen(  # noqa: ASYNC220 - a long-lived child, not awaited
-                        [sys.executable, "-m", "relayport", "worker"],
+                        [sys.executable, "-m", module, "worker"],
                         cwd=ROOT,
                         env=_clean_env(env),
                         stdout=log,
@@ -140,10 +148,18 @@ async def make_endpoints(session: Any, base: str, key: str, receiver: str, k: in
 
 
 async def post_messages(
-    session: Any, base: str, key: str, k: int, count: int, concurrency: int, rate: float | None
+    session: Any,
+    base: str,
+    key: str,
+    k: int,
+    count: int,
+    concurrency: int,
+    rate: float | None,
+    answered: dict[str, float] | None = None,
 ) -> dict[str, float]:
     """POST `count` messages of type bench.k<k>; returns message id -> send time. Closed loop
-    with `concurrency` workers, or open loop at `rate` per second."""
+    with `concurrency` workers, or open loop at `rate` per second. `answered`, if given,
+    gets each message's answer time."""
     auth = {"Authorization": f"Bearer {key}", "content-type": "application/json"}
     sent: dict[str, float] = {}
     body = json.dumps({"event_type": f"bench.k{k}", "payload": {"amount": 42, "pad": "x" * 200}})
@@ -161,7 +177,10 @@ async def post_messages(
                     if r.status not in (200, 202):  # 200: a resend already stored
                         detail = await r.text()
                         raise BenchError(f"POST /v1/messages answered {r.status}: {detail}")
-                    sent[(await r.json())["id"]] = started
+                    message_id = (await r.json())["id"]
+                    sent[message_id] = started
+                    if answered is not None:
+                        answered[message_id] = time.time()
                     return
             except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
                 if attempt == 2:
@@ -286,8 +305,12 @@ async def run_profile(profile: str, args: Any, receiver: Server, tmp: Path) -> l
             rows.append(_row(profile, f"fan-out {k}", result, base))
             print("  " + " | ".join(rows[-1]), flush=True)
         count = int(args.rate * args.latency_s)
-        sent = await post_messages(session, app.base, key, 1, count, 0, args.rate)
+        answered: dict[str, float] = {}
+        sent = await post_messages(session, app.base, key, 1, count, 0, args.rate, answered)
         events = await await_deliveries(session, receiver.base, since, count)
+        if args.trace:
+            note = {"sent": sent, "answered": answered, "arrivals": events}
+            (Path(args.trace) / f"bench-{profile}.json").write_text(json.dumps(note))
         result = summarize(sent, events, count)
         rows.append(_row(profile, f"{args.rate:g} msg/s, fan-out 1", result, None))
         print("  " + " | ".join(rows[-1]), flush=True)
@@ -309,6 +332,7 @@ def _row(profile: str, case: str, r: dict[str, Any], base: dict[str, Any] | None
 
 
 async def main_async(args: Any) -> int:
+    info = machine_info()  # its load average is the one at the start of the run
     with tempfile.TemporaryDirectory(prefix="bench-delivery-") as name:
         tmp = Path(name)
         receiver = start("bench.delivery:receiver_app", _clean_env(), tmp / "receiver.log")
@@ -321,7 +345,7 @@ async def main_async(args: Any) -> int:
         finally:
             stop_server(receiver)
     print()
-    for line in machine_info():
+    for line in info:
         print(line)
     header = [
         "profile", "case", "delivered", "deliveries/s", "e2e p50 ms", "e2e p99 ms",
@@ -343,10 +367,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-s", type=float, default=5)
     parser.add_argument("--concurrency", type=int, default=32, help="concurrent POSTs")
     parser.add_argument("--profiles", default="embedded,postgres")
+    parser.add_argument(
+        "--trace",
+        metavar="DIR",
+        help="stage timestamps of the latency row into DIR (bench.delivery_trace); "
+        "summarize with python -m bench.delivery_trace summary DIR",
+    )
     parser.add_argument("--pg-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--amqp-url", default="amqp://guest:guest@127.0.0.1:5672")
     args = parser.parse_args(argv)
+    if args.trace:
+        args.trace = os.path.abspath(args.trace)
     try:
         return asyncio.run(main_async(args))
     except BenchError as exc:

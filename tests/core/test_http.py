@@ -203,6 +203,18 @@ def test_check_url_accepts(url: str, require_https: bool, allow: list[str]) -> N
     AddressPolicy(allow).check_url(url, require_https=require_https)
 
 
+def test_check_url_remembers_only_what_passed_and_for_its_own_https_rule() -> None:
+    policy = AddressPolicy(["127.0.0.0/8"])
+    for _ in range(2):  # the second call takes the remembered verdict
+        policy.check_url("http://127.0.0.1:9000/a", require_https=False)
+        with pytest.raises(ForbiddenAddress):
+            policy.check_url("http://169.254.169.254/latest", require_https=False)
+    strict = AddressPolicy()
+    strict.check_url("http://example.com/hook", require_https=False)
+    with pytest.raises(ForbiddenURL):  # passed without the https rule, not with it
+        strict.check_url("http://example.com/hook", require_https=True)
+
+
 @dataclass
 class FakeResolver(AbstractResolver):
     answers: dict[str, list[str]]

@@ -52,6 +52,7 @@ for _owner, _name in ((aiohttp.TCPConnector, "_resolve_host"), (aiohttp.ClientSe
         raise ImportError(f"aiohttp {aiohttp.__version__}: {_owner.__name__}.{_name} is gone")
 
 _SCHEMES: Final = frozenset({"http", "https"})
+_PASSED_MAX: Final = 10_000  # URLs remembered as passing `AddressPolicy.check_url`
 
 
 class OutboundError(Exception):
@@ -107,6 +108,9 @@ class AddressPolicy:
         self._allowed: tuple[IPv4Network | IPv6Network, ...] = tuple(
             ip_network(cidr, strict=True) for cidr in allow_cidrs
         )
+        # URL strings `check_url` passed: without DNS its verdict depends on the string and
+        # this (immutable) policy only, and parsing it cost ~10 us on every delivery attempt.
+        self._passed: set[tuple[str, bool]] = set()
 
     def is_allowed(self, ip: IPAddress) -> bool:
         """True if the operator allow-list covers `ip` (or the IPv4 address it maps)."""
@@ -135,10 +139,17 @@ class AddressPolicy:
     def check_url(self, url: str | URL, *, require_https: bool = True) -> None:
         """Check what can be checked without DNS; hostnames are checked when the connector
         resolves them (or by `check_url_resolved`)."""
+        key = (url, require_https) if isinstance(url, str) else None
+        if key is not None and key in self._passed:
+            return
         target = self._parse(url)
         if target.ip is not None:
             self.check(target.ip)
         self._check_scheme(target, [] if target.ip is None else [target.ip], require_https, url)
+        if key is not None:
+            if len(self._passed) >= _PASSED_MAX:
+                self._passed.clear()
+            self._passed.add(key)
 
     async def check_url_resolved(
         self,

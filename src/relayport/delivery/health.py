@@ -132,6 +132,11 @@ async def record(
     attempt_rows = _attempt_rows(outcomes)
     await repository.insert_attempts(session, attempt_rows)
     await repository.finish(session, rows)
+    # Deliveries claimed when their message was stored (`handoff`): their outbox row
+    # is done once an attempt is recorded; the leases stand for the rest.
+    await repository.mark_announced(
+        session, sorted({o.announcement for o in outcomes if o.announcement}), now
+    )
     by_endpoint: dict[str, list[Outcome]] = {}
     for o in outcomes:
         by_endpoint.setdefault(o.endpoint.id, []).append(o)

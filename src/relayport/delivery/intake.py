@@ -10,14 +10,18 @@ the direct publish is lost (a broker error, the process dying) the outbox relay 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from relayport.core.db import utcnow
 from relayport.core.groupcommit import GroupCommit, sqlite_write_lock
 from relayport.core.platform import Platform
+from relayport.delivery import handoff
 from relayport.delivery.catalog import catalog_of
 from relayport.delivery.messages import QUEUE, Accepted, NewMessage, store_messages
 
@@ -40,13 +44,29 @@ def writer(platform: Platform) -> GroupCommit[NewMessage, Accepted]:
         sqlite = platform.db.dialect == "sqlite"
 
         async def write(session: AsyncSession, items: Sequence[NewMessage]) -> list[Any]:
-            return await store_messages(
+            claim_until = None
+            if handoff.can_hand_off(platform):
+                lease = dt.timedelta(seconds=platform.settings.delivery.lease_s)
+                claim_until = utcnow() + lease
+            results = await store_messages(
                 session,
                 items,
                 idempotency_ttl_s=ttl,
                 publish_grace_s=DIRECT_PUBLISH_GRACE_S,
                 catalog=cache,
+                claim_until=claim_until,
             )
+            if claim_until is None:
+                return results
+            jobs = await handoff.handoff_jobs(
+                platform, session, [r for r in results if isinstance(r, Accepted)]
+            )
+            return [
+                replace(r, jobs=jobs[r.message.id])
+                if isinstance(r, Accepted) and r.message.id in jobs and r.created
+                else r
+                for r in results
+            ]
 
         found = platform.extras[_WRITER_KEY] = GroupCommit(
             platform.db,
@@ -69,11 +89,14 @@ def publish_soon(platform: Platform, results: Sequence[Accepted | Exception]) ->
     a transaction to every message's latency. Their outbox rows stay due only after
     `DIRECT_PUBLISH_GRACE_S`, and the worker marks them sent when it claims the deliveries;
     if this publish fails (or the process dies first) the relay publishes them then."""
-    refs = [
-        (r.message.id, r.announcement)
-        for r in results
-        if isinstance(r, Accepted) and r.created and r.announcement is not None
-    ]
+    refs = []
+    for r in results:
+        if not isinstance(r, Accepted) or not r.created or r.announcement is None:
+            continue
+        if r.jobs:
+            handoff.hand_off(platform, r.jobs)  # claimed at storing: this process sends them
+        else:
+            refs.append((r.message.id, r.announcement))
     if not refs:
         return
     tasks: set[asyncio.Task[None]] = platform.extras.setdefault(_PUBLISHING_KEY, set())

@@ -104,6 +104,11 @@ class Accepted:
     created: bool
     # The id of the outbox row announcing a created message with deliveries.
     announcement: str | None = None
+    # Set when its deliveries were stored already claimed by this process, leased until
+    # then (`store_messages(claim_until=…)`): it sends them itself, without a broker message.
+    claimed_until: dt.datetime | None = None
+    # What `intake` hands to the sender for such a message (sender.Job each).
+    jobs: list[Any] | None = None
 
 
 async def create_message(
@@ -144,13 +149,15 @@ async def store_messages(
     idempotency_ttl_s: float,
     publish_grace_s: float = 0,
     catalog: Catalog | None = None,
+    claim_until: dt.datetime | None = None,
 ) -> list[Accepted | Exception]:
     """Store messages in the caller's transaction, with as few statements as a batch allows:
     one result per item (an `Accepted`, or the exception its caller gets).
 
     With `publish_grace_s`, the outbox rows become due for the relay only that much later:
     the caller publishes them itself once committed (`intake.publish_soon`). With `catalog`, the
-    endpoints and event-type schemas come from the process's versioned cache."""
+    endpoints and event-type schemas come from the process's versioned cache. With
+    `claim_until`, see `fan_out_many`."""
     now = utcnow()
     results: list[Accepted | Exception | None] = [None] * len(items)
     # Repeats of one key inside the batch follow its first item.
@@ -232,11 +239,22 @@ async def store_messages(
     created = {
         i: Message(**row) for i, row in rows.items() if row["id"] in inserted and results[i] is None
     }
-    fanned, announced = await fan_out_many(
-        session, list(created.values()), now, due_in_s=publish_grace_s, endpoints=endpoints
+    fanned, announced, claimed = await fan_out_many(
+        session,
+        list(created.values()),
+        now,
+        due_in_s=publish_grace_s,
+        endpoints=endpoints,
+        claim_until=claim_until,
     )
     for index, message in created.items():
-        results[index] = Accepted(message, fanned[message.id], True, announced.get(message.id))
+        results[index] = Accepted(
+            message,
+            fanned[message.id],
+            True,
+            announced.get(message.id),
+            claim_until if message.id in claimed else None,
+        )
     for index, leader in followers.items():
         first = results[leader]
         results[index] = (
@@ -254,16 +272,27 @@ async def fan_out_many(
     *,
     due_in_s: float = 0,
     endpoints: dict[str, list[Any]] | None = None,
-) -> tuple[dict[str, list[dict[str, Any]]], dict[str, str]]:
+    claim_until: dt.datetime | None = None,
+) -> tuple[dict[str, list[dict[str, Any]]], dict[str, str], set[str]]:
     """One delivery per enabled endpoint whose filters accept each message, and one outbox
     row per message that has any (the worker claims all its deliveries at once), due for the
     relay `due_in_s` from now: one insert of each for the whole batch. Returns each message's
-    deliveries' columns, and the outbox row id of each message that has deliveries."""
+    deliveries' columns, the outbox row id of each message that has deliveries, and the ids
+    of the messages whose deliveries were stored claimed.
+
+    With `claim_until` (a process that sends its own messages, `intake`), the deliveries of
+    a message without FIFO endpoints are stored already claimed for their first attempt,
+    leased until then, exactly as a worker's claim would leave them: no claim transaction,
+    no broker message. Their outbox row becomes due only when the lease ends; the worker
+    marks it sent with the outcomes. If the process dies first, the relay announces the
+    message then and the scheduler finds the expired leases: sent again with the same
+    `webhook-id`, the lost attempt given back."""
     endpoints = dict(endpoints or {})
     for tenant_id in {m.tenant_id for m in stored} - set(endpoints):
         endpoints[tenant_id] = await repository.enabled_endpoints(session, tenant_id)
     out: dict[str, list[dict[str, Any]]] = {}
     announced: dict[str, str] = {}
+    claimed: set[str] = set()
     due = now + dt.timedelta(seconds=due_in_s)
     deliveries: list[dict[str, Any]] = []
     announcements: list[dict[str, Any]] = []
@@ -275,16 +304,27 @@ async def fan_out_many(
         ]
         out[message.id] = rows
         if rows:
+            # FIFO deliveries wait for their predecessors: the worker's claim checks that.
+            claim = claim_until is not None and not any(r["fifo"] for r in rows)
+            if claim:
+                claimed.add(message.id)
+                for r in rows:
+                    r.update(
+                        status="sending",
+                        attempts=1,
+                        locked_until=claim_until,
+                        next_attempt_at=claim_until,
+                    )
             deliveries += rows
             row = outbox_values(
                 topic=QUEUE, payload=message.id.encode(), tenant_id=message.tenant_id, now=now
             )
-            row["available_at"] = due
+            row["available_at"] = claim_until if claim else due
             announcements.append(row)
             announced[message.id] = row["message_id"]
     await repository.insert_deliveries(session, deliveries)
     await repository.insert_outbox(session, announcements)
-    return out, announced
+    return out, announced, claimed
 
 
 def _delivery(message: Message, endpoint_id: str, fifo: bool, now: dt.datetime) -> dict[str, Any]:

@@ -87,14 +87,21 @@ async def insert_messages(session: AsyncSession, rows: Sequence[dict[str, Any]])
     exactly one inserts."""
     if not rows:
         return set()
-    stmt = (
-        _insert(session)(_messages)
-        .values(list(rows))
-        .on_conflict_do_nothing(index_elements=["tenant_id", "idempotency_key"])
-        .returning(_messages.c.id)
-    )
     conn = await session.connection()
-    return set((await conn.execute(stmt)).scalars())
+    stmt = _INSERT_MESSAGES.get(conn.dialect.name)
+    if stmt is None:
+        # Built once per dialect and run as an executemany, which SQLAlchemy sends as one
+        # multi-row INSERT ("insertmanyvalues"): `.values(rows)` made a statement without a
+        # cache key, compiled again for every batch.
+        stmt = _INSERT_MESSAGES[conn.dialect.name] = (
+            _insert(session)(_messages)
+            .on_conflict_do_nothing(index_elements=["tenant_id", "idempotency_key"])
+            .returning(_messages.c.id)
+        )
+    return set((await conn.execute(stmt, list(rows))).scalars())
+
+
+_INSERT_MESSAGES: dict[str, Any] = {}
 
 
 async def messages_by_keys(
@@ -157,6 +164,23 @@ def _mark_announced(outbox_ids: Sequence[str], now: dt.datetime) -> Any:
         .where(_outbox.c.id.in_(sorted(set(outbox_ids))), _outbox.c.sent_at.is_(None))
         .values(sent_at=now, attempts=_outbox.c.attempts + 1)
     )
+
+
+async def mark_announced(
+    session: AsyncSession, outbox_ids: Sequence[str], now: dt.datetime
+) -> None:
+    """Mark the outbox rows of messages whose deliveries were claimed at storing as sent."""
+    if outbox_ids:
+        conn = await session.connection()
+        await conn.execute(_mark_announced(outbox_ids, now))
+
+
+async def endpoints_by_ids(session: AsyncSession, endpoint_ids: Sequence[str]) -> list[Endpoint]:
+    """Endpoints by id (the worker's reads act on ids it already holds)."""
+    if not endpoint_ids:
+        return []
+    stmt = select(Endpoint).where(Endpoint.id.in_(sorted(set(endpoint_ids))))
+    return list((await session.execute(stmt)).scalars())
 
 
 async def insert_attempts(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> None:
@@ -227,6 +251,108 @@ def _fifo_free() -> Any:
     return _FIFO_FREE
 
 
+def _claim_statement(
+    now: dt.datetime,
+    lease_until: dt.datetime,
+    message_ids: Sequence[str],
+    delivery_ids: Sequence[str],
+) -> Any:
+    return (
+        update(_table)
+        .where(
+            _d.status.in_(("pending", "retrying")),
+            _d.next_attempt_at <= now,
+            _fifo_free(),
+            or_(_d.message_id.in_(list(message_ids)), _d.id.in_(list(delivery_ids))),
+        )
+        .values(
+            status="sending",
+            attempts=_d.attempts + 1,
+            locked_until=lease_until,
+            next_attempt_at=lease_until,
+            updated_at=now,
+        )
+        .returning(_d.id, _d.endpoint_id, _d.message_id, _d.attempts)
+    )
+
+
+def _build_claim_and_load(announced: bool) -> Any:
+    """The statement of `claim_and_load`, built once per variant: with expanding bind
+    parameters its cache key and compiled form are reused, where building it per claim cost
+    more CPU than the round trip it saves."""
+    now = bindparam("now", type_=_d.updated_at.type)
+    lease = bindparam("lease_until", type_=_d.locked_until.type)
+    claimed = (
+        update(_table)
+        .where(
+            _d.status.in_(("pending", "retrying")),
+            _d.next_attempt_at <= now,
+            _fifo_free(),
+            or_(
+                _d.message_id.in_(bindparam("message_ids", expanding=True)),
+                _d.id.in_(bindparam("delivery_ids", expanding=True)),
+            ),
+        )
+        .values(
+            status="sending",
+            attempts=_d.attempts + 1,
+            locked_until=lease,
+            next_attempt_at=lease,
+            updated_at=now,
+        )
+        .returning(_d.id, _d.endpoint_id, _d.message_id, _d.attempts)
+        .cte("claimed")
+    )
+    stmt = (
+        select(claimed.c.id, claimed.c.endpoint_id, claimed.c.message_id, claimed.c.attempts)
+        .add_columns(Message, Endpoint)
+        .select_from(claimed)
+        .join(Message, Message.id == claimed.c.message_id)
+        .join(Endpoint, Endpoint.id == claimed.c.endpoint_id)
+    )
+    if announced:
+        marked = (
+            update(_outbox)
+            .where(
+                _outbox.c.id.in_(bindparam("announced", expanding=True)),
+                _outbox.c.sent_at.is_(None),
+            )
+            .values(sent_at=now, attempts=_outbox.c.attempts + 1)
+            .returning(_outbox.c.id)
+            .cte("marked")
+        )
+        stmt = stmt.add_cte(marked)
+    return stmt
+
+
+_CLAIM_AND_LOAD = {flag: _build_claim_and_load(flag) for flag in (False, True)}
+
+
+async def claim_and_load(
+    session: AsyncSession,
+    *,
+    now: dt.datetime,
+    lease_until: dt.datetime,
+    message_ids: Sequence[str] = (),
+    delivery_ids: Sequence[str] = (),
+    announced: Sequence[str] = (),
+) -> list[tuple[str, str, str, int, Message, Endpoint]]:
+    """PostgreSQL: `claim` and `load_for_send` in one statement (data-modifying CTEs), so a
+    claim costs one round trip and needs no transaction around it: run on an autocommit
+    connection, it commits by itself. (delivery id, endpoint id, message id, attempt,
+    message, endpoint) per claimed delivery."""
+    params: dict[str, Any] = {
+        "now": now,
+        "lease_until": lease_until,
+        "message_ids": list(message_ids),
+        "delivery_ids": list(delivery_ids),
+    }
+    if announced:
+        params["announced"] = sorted(set(announced))
+    rows = (await session.execute(_CLAIM_AND_LOAD[bool(announced)], params)).all()
+    return [(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows]
+
+
 async def claim(
     session: AsyncSession,
     *,
@@ -243,26 +369,13 @@ async def claim(
     are the outbox rows of the broker messages that named them, marked sent in the same
     statement on PostgreSQL (a data-modifying CTE), just before it on SQLite.
     """
-    stmt = update(_table).where(
-        _d.status.in_(("pending", "retrying")),
-        _d.next_attempt_at <= now,
-        _fifo_free(),
-        or_(_d.message_id.in_(list(message_ids)), _d.id.in_(list(delivery_ids))),
-    )
+    stmt = _claim_statement(now, lease_until, message_ids, delivery_ids)
     conn = await session.connection()
     if announced and conn.dialect.name == "postgresql":
         stmt = stmt.add_cte(_mark_announced(announced, now).returning(_outbox.c.id).cte("marked"))
     elif announced:
         await conn.execute(_mark_announced(announced, now))
-    result = await conn.execute(
-        stmt.values(
-            status="sending",
-            attempts=_d.attempts + 1,
-            locked_until=lease_until,
-            next_attempt_at=lease_until,
-            updated_at=now,
-        ).returning(_d.id, _d.endpoint_id, _d.message_id, _d.attempts)
-    )
+    result = await conn.execute(stmt)
     return [(r[0], r[1], r[2], r[3]) for r in result.all()]
 
 
@@ -350,32 +463,35 @@ async def load_for_send(
     return messages, endpoints
 
 
+# Built once: its cache key and compiled form are reused by every outcome batch.
+_FINISH = (
+    update(_table)
+    .where(
+        _d.id == bindparam("b_id"),
+        _d.status == "sending",
+        _d.attempts == bindparam("b_attempt"),
+        # The lease is the claim's token: a worker that overran its lease and lost the
+        # delivery to another must not overwrite that one's attempt.
+        _d.locked_until == bindparam("b_lease"),
+    )
+    .values(
+        status=bindparam("b_status"),
+        attempts=_d.attempts + bindparam("b_attempt_delta"),
+        next_attempt_at=bindparam("b_next"),
+        locked_until=None,
+        last_error=bindparam("b_error"),
+        updated_at=bindparam("b_now"),
+        finished_at=bindparam("b_finished"),
+    )
+)
+
+
 async def finish(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> None:
     """Record attempt outcomes (one executemany), unless the delivery moved on without us."""
     if not rows:
         return
-    stmt = (
-        update(_table)
-        .where(
-            _d.id == bindparam("b_id"),
-            _d.status == "sending",
-            _d.attempts == bindparam("b_attempt"),
-            # The lease is the claim's token: a worker that overran its lease and lost the
-            # delivery to another must not overwrite that one's attempt.
-            _d.locked_until == bindparam("b_lease"),
-        )
-        .values(
-            status=bindparam("b_status"),
-            attempts=_d.attempts + bindparam("b_attempt_delta"),
-            next_attempt_at=bindparam("b_next"),
-            locked_until=None,
-            last_error=bindparam("b_error"),
-            updated_at=bindparam("b_now"),
-            finished_at=bindparam("b_finished"),
-        )
-    )
     conn = await session.connection()
-    await conn.execute(stmt, list(rows))
+    await conn.execute(_FINISH, list(rows))
 
 
 async def next_fifo(session: AsyncSession, endpoint_ids: Sequence[str]) -> list[tuple[str, str]]:

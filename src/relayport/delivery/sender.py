@@ -30,6 +30,7 @@ log = logging.getLogger("relayport.delivery")
 
 Status = Literal["succeeded", "retrying", "dead"]
 FINISH_WAVE_S = 0.25
+OUTCOME_WAIT_S = 0.025  # how long an outcome waits for others to share its transaction
 MAX_BATCH = 256
 BATCH_CONCURRENCY = 2  # PostgreSQL: claim (and outcome) batches written at once per process
 _CLAIMS_KEY = "delivery.claims"
@@ -46,6 +47,9 @@ class Job:
     attempt: int
     schedules: TenantSchedules
     lease_until: dt.datetime
+    # The outbox row to mark sent with the outcome: set when the delivery was claimed at
+    # storing (see `handoff`), where no claim marked it.
+    announcement: str | None = None
 
     async def schedule(self, platform: Platform) -> Sequence[float]:
         """The endpoint's own retry schedule, else its tenant's, else the platform's."""
@@ -91,6 +95,7 @@ class Outcome:
     results: list[PostResult] = field(default_factory=list)
     probe: bool = False
     gone: bool = False
+    announcement: str | None = None
 
     @property
     def endpoint_id(self) -> str:
@@ -127,7 +132,19 @@ def _claims(platform: Platform) -> GroupCommit[tuple[str, str | None], list[Job]
             announced = [a for _, a in items if a is not None]
             return await claim_batch(platform, session, [ref for ref, _ in items], announced)
 
-        found = platform.extras[_CLAIMS_KEY] = _committer(platform, write, "delivery.claims")
+        async def run(items: Sequence[tuple[str, str | None]]) -> list[Any]:
+            # PostgreSQL: the claim is one statement (`repository.claim_and_load`), atomic by
+            # itself, so it runs on an autocommit connection: one round trip instead of
+            # BEGIN, UPDATE, SELECT, COMMIT on the path of every message.
+            async with platform.db.reads() as session:
+                return await write(session, items)
+
+        found = platform.extras[_CLAIMS_KEY] = _committer(
+            platform,
+            write if platform.db.dialect == "sqlite" else None,
+            "delivery.claims",
+            run=None if platform.db.dialect == "sqlite" else run,
+        )
     assert isinstance(found, GroupCommit)
     return found
 
@@ -140,18 +157,27 @@ def _outcomes(platform: Platform) -> GroupCommit[Outcome, bool]:
             queued = await health.record(platform, transport_of(platform), session, outcomes)
             return [queued] * len(outcomes)
 
-        found = platform.extras[_OUTCOMES_KEY] = _committer(platform, write, "delivery.outcomes")
+        # Outcomes are off the path to the receiver: they wait a little to share a
+        # transaction, leaving the write lock (SQLite) and the worker's CPU to claims and
+        # new messages, which are on it.
+        found = platform.extras[_OUTCOMES_KEY] = _committer(
+            platform, write, "delivery.outcomes", max_wait_s=OUTCOME_WAIT_S
+        )
     assert isinstance(found, GroupCommit)
     return found
 
 
-def _committer(platform: Platform, write: Any, name: str) -> GroupCommit[Any, Any]:
+def _committer(
+    platform: Platform, write: Any, name: str, *, run: Any = None, max_wait_s: float = 0
+) -> GroupCommit[Any, Any]:
     return GroupCommit(
         platform.db,
         write,
+        run=run,
         name=name,
         max_items=MAX_BATCH,
-        max_wait_s=0,  # batches form while the previous one is being written
+        # 0: batches form while the previous one is being written
+        max_wait_s=max_wait_s,
         concurrency=1 if platform.db.dialect == "sqlite" else BATCH_CONCURRENCY,
         lock=sqlite_write_lock(platform),
     )
@@ -170,21 +196,27 @@ async def claim_batch(
     now = utcnow()
     lease_until = now + dt.timedelta(seconds=settings.lease_s)
     singles = {r for r in refs if not r.startswith("msg_")}
-    claimed = await repository.claim(
-        session,
-        now=now,
-        lease_until=lease_until,
-        message_ids=sorted({r for r in refs if r.startswith("msg_")}),
-        delivery_ids=sorted(singles),
-        announced=announced,
-    )
-    if not claimed:
-        return [[] for _ in refs]  # duplicates, work another worker holds, or not due yet
-    messages, endpoints = await repository.load_for_send(session, [c[0] for c in claimed])
-    schedules = TenantSchedules(platform, {m.tenant_id for m in messages.values()})
+    wanted: dict[str, Any] = {
+        "now": now,
+        "lease_until": lease_until,
+        "message_ids": sorted({r for r in refs if r.startswith("msg_")}),
+        "delivery_ids": sorted(singles),
+        "announced": announced,
+    }
+    rows: list[tuple[str, str, str, int, Message | None, Endpoint | None]]
+    if platform.db.dialect == "postgresql":
+        rows = list(await repository.claim_and_load(session, **wanted))
+    else:
+        claimed = await repository.claim(session, **wanted)
+        if not claimed:
+            return [[] for _ in refs]  # duplicates, work another worker holds, or not due yet
+        messages, endpoints = await repository.load_for_send(session, [c[0] for c in claimed])
+        rows = [(*c, messages.get(c[2]), endpoints.get(c[1])) for c in claimed]
+    if not rows:
+        return [[] for _ in refs]
+    schedules = TenantSchedules(platform, {r[4].tenant_id for r in rows if r[4] is not None})
     by_ref: dict[str, list[Job]] = {}
-    for delivery_id, endpoint_id, message_id, attempt in claimed:
-        endpoint, message = endpoints.get(endpoint_id), messages.get(message_id)
+    for delivery_id, _, message_id, attempt, message, endpoint in rows:
         if endpoint is None or message is None:
             continue  # deleted with its endpoint after the claim
         ref = delivery_id if delivery_id in singles else message_id
@@ -205,6 +237,13 @@ async def send_ref(platform: Platform, ref: str, announcement: str | None = None
     broker message's id: the outbox row that announced the ref.
     """
     jobs = await _claims(platform).submit((ref, announcement))
+    return await send_jobs(platform, jobs)
+
+
+async def send_jobs(platform: Platform, jobs: Sequence[Job]) -> int:
+    """Send claimed deliveries and record their outcomes (in waves, grouped with the other
+    outcomes being recorded at the same moment); returns how many were attempted or
+    deferred."""
     if not jobs:
         return 0
     now = utcnow()
@@ -268,7 +307,16 @@ async def _deliver(
 
     def wait(until: dt.datetime, why: str) -> Outcome:
         return Outcome(
-            delivery_id, endpoint, message, attempt, "retrying", until, lease, why, attempt_delta=-1
+            delivery_id,
+            endpoint,
+            message,
+            attempt,
+            "retrying",
+            until,
+            lease,
+            why,
+            attempt_delta=-1,
+            announcement=job.announcement,
         )
 
     if not endpoint.enabled:
@@ -282,6 +330,7 @@ async def _deliver(
             lease,
             f"endpoint disabled ({endpoint.disabled_reason})",
             attempt_delta=-1,
+            announcement=job.announcement,
         )
     gate = gates.get(endpoint.id)
     probe = False
@@ -312,7 +361,17 @@ async def _deliver(
             hmac_keys, message.id, int(time.time()), message.body, ed25519_seeds=seeds
         ),
     }
-    outcome = Outcome(delivery_id, endpoint, message, attempt, "succeeded", now, lease, probe=probe)
+    outcome = Outcome(
+        delivery_id,
+        endpoint,
+        message,
+        attempt,
+        "succeeded",
+        now,
+        lease,
+        probe=probe,
+        announcement=job.announcement,
+    )
     urls = transport.urls(endpoint.id, [endpoint.url, *endpoint.fallback_urls], endpoint.routing)
     for url in urls:
         result = await transport.post(url, message.body, headers)

@@ -6,10 +6,11 @@ from __future__ import annotations
 import datetime as dt
 import logging
 
+from relayport.core import gcpolicy
 from relayport.core.broker import Message
 from relayport.core.db import utcnow
 from relayport.core.platform import Platform
-from relayport.delivery import health, messages, repository, sender
+from relayport.delivery import handoff, health, messages, repository, sender
 from relayport.delivery.messages import QUEUE
 from relayport.delivery.transport import close_transport
 
@@ -24,6 +25,10 @@ async def handle(platform: Platform, message: Message) -> None:
     """Consume one `delivery.send` message: a message id (all its due deliveries) or a
     delivery id."""
     ref = message.body.decode("ascii", "replace")[:64]
+    if platform.settings.gc_freeze:
+        # `relayport worker` has no app lifespan to freeze its startup objects: without
+        # this, a full collection walks all of them (a 60-70 ms pause in the 200 msg/s row).
+        gcpolicy.freeze_once("delivery")
     try:
         # Claims and outcomes are written in batches with the other refs handled at the same
         # moment; this returns once this ref's own deliveries are recorded.
@@ -57,5 +62,6 @@ async def tick(platform: Platform) -> None:
 
 
 async def close(platform: Platform) -> None:
+    await handoff.drain(platform, platform.settings.shutdown_timeout_s)
     sender.forget(platform)
     await close_transport(platform)
