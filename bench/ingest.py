@@ -21,7 +21,10 @@ off), started and stopped by this script:
             limits under a unique key prefix; plus one `relayport worker` process unless
             --no-worker). Source, tenant and IP limits and quotas are raised so nothing is refused.
 
-Load: a separate process (aiohttp + uvloop), OPEN loop. Requests go out on a fixed schedule at
+Load: a separate process on uvloop, with plain keep-alive connections and httptools (`--client
+raw`, the default: 10-20% of a core at 2,000-6,000 req/s) or aiohttp's client (`--client
+aiohttp`, 70-100% of a core there, CPU the server under test then does not get on a small
+machine), OPEN loop. Requests go out on a fixed schedule at
 the offered rate whatever the answers; latency counts from the scheduled send time, so queueing
 (in the server or the client) shows. At most --max-inflight requests are outstanding; a request
 whose slot comes while the cap is reached is not sent and counts as an error ("in-flight cap").

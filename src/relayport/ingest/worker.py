@@ -19,12 +19,15 @@ __all__ = ["QUEUE", "handle_job", "tick"]
 
 
 # Jobs one worker process runs at once, across messages. Their claims and outcomes share
-# statements (`bookkeeping`), so this also bounds how many one statement takes: at least a
-# whole intake batch (`batch_max_rows`, 100 by default), so that a message's jobs are claimed
-# and finished in one statement each rather than in slices of this size (at 32, PostgreSQL
-# spent more on the worker's statements than on intake's). Bodies of running jobs are in memory:
-# at most this many times a source's body limit.
+# statements (`bookkeeping`), so this also bounds how many one statement takes. On PostgreSQL
+# at least a whole intake batch (`batch_max_rows`, 100 by default), so that a message's jobs
+# are claimed and finished in one statement each rather than in slices (at 32 the worker fell
+# thousands of jobs behind intake at 3,000-4,000 deliveries/s in the benchmark; at 128 it
+# kept up). On SQLite the worker shares its process and the one write lock with intake, and
+# more jobs at once would only take turns away from intake. Bodies of running jobs are in
+# memory: at most this many per worker process.
 JOB_CONCURRENCY = 128
+JOB_CONCURRENCY_SQLITE = 32
 # A message names the new jobs of one group commit (at most `batch_max_rows`, <= 1,000).
 MAX_JOBS_PER_MESSAGE = 1000
 _SLOTS_KEY = "ingest.job_slots"
@@ -33,7 +36,8 @@ _SLOTS_KEY = "ingest.job_slots"
 def _slots(platform: Platform) -> asyncio.Semaphore:
     slots = platform.extras.get(_SLOTS_KEY)
     if slots is None:
-        slots = platform.extras[_SLOTS_KEY] = asyncio.Semaphore(JOB_CONCURRENCY)
+        size = JOB_CONCURRENCY_SQLITE if platform.db.dialect == "sqlite" else JOB_CONCURRENCY
+        slots = platform.extras[_SLOTS_KEY] = asyncio.Semaphore(size)
     assert isinstance(slots, asyncio.Semaphore)
     return slots
 
