@@ -251,19 +251,16 @@ def _fifo_free() -> Any:
     return _FIFO_FREE
 
 
-def _claim_statement(
-    now: dt.datetime,
-    lease_until: dt.datetime,
-    message_ids: Sequence[str],
-    delivery_ids: Sequence[str],
-) -> Any:
+def _claim_update(now: Any, lease_until: Any, message_ids: Any, delivery_ids: Any) -> Any:
+    """The guarded UPDATE that takes due deliveries for one attempt each; the arguments are
+    values or bind parameters."""
     return (
         update(_table)
         .where(
             _d.status.in_(("pending", "retrying")),
             _d.next_attempt_at <= now,
             _fifo_free(),
-            or_(_d.message_id.in_(list(message_ids)), _d.id.in_(list(delivery_ids))),
+            or_(_d.message_id.in_(message_ids), _d.id.in_(delivery_ids)),
         )
         .values(
             status="sending",
@@ -282,27 +279,12 @@ def _build_claim_and_load(announced: bool) -> Any:
     more CPU than the round trip it saves."""
     now = bindparam("now", type_=_d.updated_at.type)
     lease = bindparam("lease_until", type_=_d.locked_until.type)
-    claimed = (
-        update(_table)
-        .where(
-            _d.status.in_(("pending", "retrying")),
-            _d.next_attempt_at <= now,
-            _fifo_free(),
-            or_(
-                _d.message_id.in_(bindparam("message_ids", expanding=True)),
-                _d.id.in_(bindparam("delivery_ids", expanding=True)),
-            ),
-        )
-        .values(
-            status="sending",
-            attempts=_d.attempts + 1,
-            locked_until=lease,
-            next_attempt_at=lease,
-            updated_at=now,
-        )
-        .returning(_d.id, _d.endpoint_id, _d.message_id, _d.attempts)
-        .cte("claimed")
-    )
+    claimed = _claim_update(
+        now,
+        lease,
+        bindparam("message_ids", expanding=True),
+        bindparam("delivery_ids", expanding=True),
+    ).cte("claimed")
     stmt = (
         select(claimed.c.id, claimed.c.endpoint_id, claimed.c.message_id, claimed.c.attempts)
         .add_columns(Message, Endpoint)
@@ -369,7 +351,7 @@ async def claim(
     are the outbox rows of the broker messages that named them, marked sent in the same
     statement on PostgreSQL (a data-modifying CTE), just before it on SQLite.
     """
-    stmt = _claim_statement(now, lease_until, message_ids, delivery_ids)
+    stmt = _claim_update(now, lease_until, list(message_ids), list(delivery_ids))
     conn = await session.connection()
     if announced and conn.dialect.name == "postgresql":
         stmt = stmt.add_cte(_mark_announced(announced, now).returning(_outbox.c.id).cte("marked"))
