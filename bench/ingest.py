@@ -333,13 +333,16 @@ class _RawLoad:
         self.conns = [c for c in self.conns if not c.closed]
 
 
-async def _load_raw(spec: dict[str, Any]) -> dict[str, Any]:
+def _plan(spec: dict[str, Any]) -> tuple[float, float, int, int, int]:
+    """(rate, duration, in-flight cap, requests in the warm-up, requests in all)."""
     rate: float = spec["rate"]
-    warmup: float = spec["warmup"]
     duration: float = spec["duration"]
-    cap: int = spec["max_inflight"]
-    n_warm = round(rate * warmup)
-    n = n_warm + round(rate * duration)
+    n_warm = round(rate * spec["warmup"])
+    return rate, duration, int(spec["max_inflight"]), n_warm, n_warm + round(rate * duration)
+
+
+async def _load_raw(spec: dict[str, Any]) -> dict[str, Any]:
+    rate, duration, cap, n_warm, n = _plan(spec)
     split = urlsplit(spec["url"])
     head = f"POST {split.path} HTTP/1.1\r\nHost: {split.netloc}\r\n".encode()
     requests = []
@@ -412,12 +415,7 @@ async def _load_raw(spec: dict[str, Any]) -> dict[str, Any]:
 async def _load_aiohttp(spec: dict[str, Any]) -> dict[str, Any]:
     import aiohttp
 
-    rate: float = spec["rate"]
-    warmup: float = spec["warmup"]
-    duration: float = spec["duration"]
-    cap: int = spec["max_inflight"]
-    n_warm = round(rate * warmup)
-    n = n_warm + round(rate * duration)
+    rate, duration, cap, n_warm, n = _plan(spec)
     reqs = _requests(n, spec["secret"])
     latencies_us: list[int] = []
     done_at: list[float] = []

@@ -60,6 +60,7 @@ class ScriptPipe:
         self._loading = asyncio.Lock()
         self._loads = 0
         self._timeout: float | None = None
+        self._closing: set[asyncio.Task[None]] = set()
         self._closed = False
 
     def command(self, keys: list[bytes], args: list[bytes], arg_count: int) -> bytes:
@@ -109,7 +110,7 @@ class ScriptPipe:
             future.cancel()
             self._break(link, exc)
             if isinstance(exc, TimeoutError) and not isinstance(exc, RedisError):
-                raise RedisTimeoutError(f"Redis took no data for {self._timeout} s") from None
+                raise self._timed_out() from None
             raise
         if link.reader is None:
             link.reader = asyncio.create_task(self._read(link))
@@ -131,9 +132,7 @@ class ScriptPipe:
                 except BaseException as exc:
                     await conn.disconnect(nowait=True)
                     if isinstance(exc, TimeoutError):
-                        raise RedisTimeoutError(
-                            f"no answer from Redis in {self._timeout} s"
-                        ) from None
+                        raise self._timed_out() from None
                     raise
                 self._link = _Link(conn)
             return self._link
@@ -147,7 +146,7 @@ class ScriptPipe:
                 except ResponseError as exc:  # this command's error; the next reply follows
                     reply = exc
                 except TimeoutError:
-                    raise RedisTimeoutError(f"no answer from Redis in {self._timeout} s") from None
+                    raise self._timed_out() from None
                 future = link.pending.popleft()
                 if future.done():
                     continue  # its caller was cancelled; the reply still had to be read
@@ -162,6 +161,15 @@ class ScriptPipe:
         finally:
             link.reader = None
 
+    def _closed_one(self, task: asyncio.Task[None]) -> None:
+        self._closing.discard(task)
+        if not task.cancelled():
+            task.exception()  # a failed disconnect leaves nothing more to do
+
+    def _timed_out(self) -> RedisTimeoutError:
+        # redis-py's type, which the app answers with a 503 like any Redis failure.
+        return RedisTimeoutError(f"no answer from Redis in {self._timeout} s")
+
     def _break(self, link: _Link, exc: BaseException) -> None:
         """The connection is unusable: fail every call in flight on it; open anew next time."""
         if not link.broken:
@@ -169,7 +177,8 @@ class ScriptPipe:
             if self._link is link:
                 self._link = None
             task = asyncio.ensure_future(link.conn.disconnect(nowait=True))
-            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+            self._closing.add(task)  # the loop keeps only a weak reference to tasks
+            task.add_done_callback(self._closed_one)
         error = exc if isinstance(exc, RedisError) else ConnectionError(f"Redis call: {exc!r}")
         while link.pending:
             future = link.pending.popleft()

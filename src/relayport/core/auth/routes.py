@@ -237,6 +237,9 @@ async def create_api_key(
     return ApiKeyCreated(**_key(key).model_dump(), key=secret)
 
 
+_KEY_LIST = ListResponse[ApiKeyOut]
+
+
 async def list_api_keys(request: Request) -> bytes:
     """API keys of the tenant (never their secrets), newest first. Role: admin."""
     principal = await authorize(request, "admin")
@@ -247,7 +250,6 @@ async def list_api_keys(request: Request) -> bytes:
     return _KEY_LIST(data=[_key(k) for k in page.items], next=page.next).model_dump_json().encode()
 
 
-_KEY_LIST = ListResponse[ApiKeyOut]
 add_json_route(
     router,
     "/api-keys",
